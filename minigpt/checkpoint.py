@@ -1,0 +1,55 @@
+"""Checkpoints: a plain dict of state_dicts, configs, the vocabulary and the step; never a pickled module.
+
+They load with torch.load(weights_only=True), so a file from a stranger cannot run code. Writes go to a
+temporary file first and are renamed into place, so a crash mid-write never corrupts the last one.
+"""
+import os
+import pickle
+import zipfile
+
+import torch
+
+from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import CharTokenizer
+
+REQUIRED = ("model", "model_config", "tokenizer", "step")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged, foreign or incompatible; the message says which and why."""
+
+
+def checkpoint_path(path):
+    """A run folder or a file -> the checkpoint file."""
+    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
+def save_checkpoint(path, payload):
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Returns (model, tokenizer, checkpoint dict); raises CheckpointError with a one-line reason."""
+    path = checkpoint_path(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}; train one first (python train_pretrain.py) or pass the right path")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise CheckpointError(f"{path} refused: it holds more than tensors and plain data ({first[:120]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
+        raise CheckpointError(f"{path} is not a minigpt checkpoint (it lacks {', '.join(k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt)})")
+    try:
+        tokenizer = CharTokenizer.from_list(ckpt["tokenizer"])
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the stored config or vocabulary ({str(e).splitlines()[0][:160]})") from None
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise CheckpointError(f"{path}: vocabulary of {tokenizer.vocab_size} does not match the model's {model.config.vocab_size}")
+    return model.to(device), tokenizer, ckpt

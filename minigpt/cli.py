@@ -1,0 +1,78 @@
+"""What the two training scripts share: presets, flags, device choice, printing, and one-line errors."""
+import argparse
+import sys
+from dataclasses import fields
+
+from tqdm.auto import tqdm
+
+from minigpt.checkpoint import CheckpointError
+from minigpt.data import CorpusError
+from minigpt.model import GPTConfig
+from minigpt.tokenizer import UnknownCharacterError
+from minigpt.train import TrainConfig, pick_device
+
+USER_ERRORS = (CorpusError, CheckpointError, UnknownCharacterError)
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+
+
+class UsageError(ValueError):
+    """A bad flag value, reported in one line."""
+
+
+def make_parser(description, presets, default_out, model_flags=MODEL_FLAGS):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(presets), default="cpu",
+                   help="tiny: seconds, for tests; cpu: a laptop; gpu: a bigger model for a GPU")
+    p.add_argument("--out-dir", default=default_out, help="where the checkpoint, log.jsonl and loss.png go")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    hp = p.add_argument_group("hyperparameters (default: the preset's value)")
+    for f in fields(GPTConfig):
+        if f.name in model_flags:
+            hp.add_argument("--" + f.name.replace("_", "-"), type=f.type if callable(f.type) else type(f.default))
+    for f in fields(TrainConfig):
+        hp.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
+                        help="minutes of training; 0 = no limit" if f.name == "max_minutes" else None)
+    return p
+
+
+def resolve(args, presets):
+    """Preset values, overridden by every flag the user gave; returns (model kwargs, TrainConfig, extras)."""
+    preset = dict(presets[args.preset])
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    model_kw = {k: given.get(k, v) for k, v in preset.pop("model", {}).items()}
+    model_kw.update({k: given[k] for k in MODEL_FLAGS if k in given})
+    train_kw = {f.name: given.get(f.name, preset.pop(f.name, f.default)) for f in fields(TrainConfig)}
+    try:
+        cfg = TrainConfig(**train_kw)
+        device = pick_device(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return model_kw, cfg, device, preset
+
+
+def print_event(record):
+    """Show a log record to the person at the terminal (above the progress bar)."""
+    if record["kind"] == "eval":
+        tqdm.write(f"step {record['step']}: val loss {record['val_loss']:.3f}")
+    elif record["kind"] == "sample":
+        tqdm.write(f"---- samples at step {record['step']} ----")
+        for s in record["samples"]:
+            tqdm.write(s["shown"])
+        tqdm.write("-" * 30)
+
+
+def run(main_fn, argv):
+    """Run a script's main; a user mistake ends with one line on stderr and exit status 2."""
+    try:
+        return main_fn(argv)
+    except (UsageError, *USER_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def model_config(cls, **kw):
+    """Build a config; an impossible one (n_embd not divisible by n_head...) is a usage error."""
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None

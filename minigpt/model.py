@@ -1,0 +1,203 @@
+"""The GPT: a decoder-only transformer written out by hand, small enough to read in one sitting.
+
+Flow: token ids -> token + position embeddings -> n_layer pre-norm blocks (attention, MLP)
+-> final LayerNorm -> logits over the vocabulary. `generate` samples from it with a KV cache.
+
+Shape legend: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size (C // nh),
+V vocabulary size, S cached length (tokens already in the KV cache).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # targets with this id do not count in the loss (prompt and padding in SFT)
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 10000
+    block_size: int = 128  # the longest context the model can see
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    use_sdpa: bool = True  # fast path: F.scaled_dot_product_attention; False runs the hand-written maths
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); pick e.g. n_head={math.gcd(self.n_embd, 8)}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)  # widen 4x, as in GPT-2
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.use_sdpa, self.dropout = cfg.n_head, cfg.use_sdpa, cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # queries, keys and values in one matmul
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cache=None, key_mask=None):
+        """x (B, T, C). cache: None or a dict holding this layer's past keys and values, which grows.
+        key_mask: None or (B, S + T) bool, False at left padding that no query may look at."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)  # (B, nh, S + T, hs)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        S = k.size(2) - T  # how many earlier tokens the new ones may also look at
+        # causal mask: query i (at absolute position S + i) sees keys 0 .. S + i, never the future
+        allowed = torch.ones(T, S + T, dtype=torch.bool, device=x.device).tril(diagonal=S)  # (T, S + T)
+        if key_mask is not None:
+            # padding is hidden from every query; each query still sees itself, so no row is empty
+            itself = torch.arange(S, S + T, device=x.device)[:, None] == torch.arange(S + T, device=x.device)  # (T, S + T)
+            allowed = allowed & key_mask[:, None, None, :] | itself  # (B, 1, T, S + T)
+        p_drop = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p_drop)
+        else:
+            # scores scaled by 1/sqrt(hs) so that their variance stays near 1 whatever the head size
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, S + T)
+            att = att.masked_fill(~allowed, float("-inf"))
+            att = F.dropout(F.softmax(att, dim=-1), p_drop, self.training)
+            y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-norm block: normalise, transform, add back. The residual path keeps gradients flowing."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+
+    def forward(self, x, cache=None, key_mask=None):
+        x = x + self.attn(self.ln_1(x), cache, key_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned positions
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # weight tying: reading a character and writing it share one table (fewer parameters, better fit)
+        self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                # each block adds two outputs to the residual stream: scale them down so its variance stays put
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def num_params(self):
+        """Parameters, counting the tied embedding once and leaving out positions."""
+        return sum(p.numel() for p in self.parameters()) - self.pos_emb.weight.numel()
+
+    def forward(self, idx, targets=None, caches=None, key_mask=None, pos=None):
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None). targets (B, T), IGNORE_INDEX where
+        no loss is wanted. caches/key_mask/pos are for generation: per-layer KV caches, padding mask, positions."""
+        B, T = idx.shape
+        if pos is None:
+            start = caches[0]["k"].size(2) if caches and "k" in caches[0] else 0
+            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        if int(pos.max()) >= self.config.block_size:
+            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens is longer than block_size {self.config.block_size}")
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches else None, key_mask)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.view(B * T), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 stop_ids=(), pad_id=0, use_cache=True, generator=None):
+        """Sample continuations for a batch of prompts (lists of ids, any lengths).
+        Returns one list of new ids per prompt; a row ends at its first stop id, which is kept."""
+        device = self.tok_emb.weight.device
+        B, L = len(prompts), max(len(p) for p in prompts)
+        # left padding lines the prompts up at the right, so every row's next token is in the last column
+        idx = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)  # (B, L)
+        real = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        caches = None
+        for _ in range(max_new_tokens):
+            if use_cache and caches is not None and real.size(1) <= self.config.block_size:
+                logits = self._step(idx[:, -1:], real, caches)  # only the newest token goes through
+            else:
+                # no cache yet, or the window is full: run the last block_size tokens in one pass
+                idx, real = idx[:, -self.config.block_size:], real[:, -self.config.block_size:]
+                caches = [{} for _ in self.blocks] if use_cache else None
+                logits = self._step(idx, real, caches)
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+            next_id = torch.where(done, torch.full_like(next_id, pad_id), next_id)
+            for b in (~done).nonzero().flatten().tolist():
+                out[b].append(int(next_id[b]))
+            done |= torch.isin(next_id, stop)
+            idx = torch.cat([idx, next_id[:, None]], dim=1)  # (B, L + 1)
+            real = torch.cat([real, ~done[:, None] | torch.isin(next_id, stop)[:, None]], dim=1)
+            if done.all():
+                break
+        return out
+
+    def _step(self, idx, real, caches):
+        """Logits for idx (B, T), the newest T tokens of a window whose padding mask is real (B, W)."""
+        pos = (real.long().cumsum(dim=1) - 1).clamp(min=0)[:, -idx.size(1):]  # (B, T): padding takes no position
+        return self(idx, caches=caches, key_mask=real, pos=pos)[0]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One id per row from logits (B, V): greedy at temperature 0, else sampled after top-k / top-p cuts."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        # nucleus: keep the most likely ids until their probabilities add up to top_p
+        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # the first id always stays
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)

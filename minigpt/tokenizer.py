@@ -1,0 +1,81 @@
+"""Character tokenizer: one id per character of the training poems, plus special tokens.
+
+Special tokens come first, so their ids never move: <PAD>=0, <UNK>=1, <END>=2, <INS>=3, <INP>=4,
+<RES>=5. Written inside a string ("<INS>"), a special token still encodes to its single id.
+"""
+import re
+import warnings
+
+SPECIAL_TOKENS = ["<PAD>", "<UNK>", "<END>", "<INS>", "<INP>", "<RES>"]
+_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+
+class UnknownCharacterError(ValueError):
+    """Raised when text holds characters that the vocabulary does not have."""
+
+    def __init__(self, chars):
+        self.chars = chars
+        super().__init__(f"characters not in the vocabulary: {' '.join(chars)}")
+
+
+class CharTokenizer:
+    def __init__(self, chars):
+        chars = sorted(set(chars) - set(SPECIAL_TOKENS))
+        self.itos = SPECIAL_TOKENS + chars
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        self.pad_id, self.unk_id, self.end_id, self.ins_id, self.inp_id, self.res_id = range(len(SPECIAL_TOKENS))
+
+    @classmethod
+    def from_texts(cls, texts):
+        """A vocabulary of every character seen in texts (an iterable of strings)."""
+        chars = set()
+        for t in texts:
+            chars.update(t)
+        return cls(chars)
+
+    @property
+    def vocab_size(self):
+        return len(self.itos)
+
+    def unknown_chars(self, text):
+        """The characters of text (outside special tokens) that the vocabulary lacks, in order, once each."""
+        plain = _SPECIAL_RE.sub("", text)
+        return list(dict.fromkeys(c for c in plain if c not in self.stoi))
+
+    def encode(self, text, unknown="error"):
+        """Text -> ids. unknown: 'error' raises UnknownCharacterError naming the characters,
+        'warn' maps them to <UNK> with a warning that names them, 'unk' maps them silently."""
+        missing = self.unknown_chars(text)
+        if missing:
+            if unknown == "error":
+                raise UnknownCharacterError(missing)
+            if unknown == "warn":
+                warnings.warn(f"{UnknownCharacterError(missing)}; they become <UNK>", stacklevel=2)
+            elif unknown != "unk":
+                raise ValueError(f"unknown must be 'error', 'warn' or 'unk', got {unknown!r}")
+        ids = []
+        for piece in _SPECIAL_RE.split(text):
+            if piece in self.stoi:  # a special token (or a one-character piece)
+                ids.append(self.stoi[piece])
+            else:
+                ids.extend(self.stoi.get(c, self.unk_id) for c in piece)
+        return ids
+
+    def decode(self, ids, skip_special=False):
+        ids = [int(i) for i in ids]
+        if skip_special:
+            ids = [i for i in ids if i >= len(SPECIAL_TOKENS)]
+        return "".join(self.itos[i] for i in ids)
+
+    def to_list(self):
+        """The vocabulary as a plain list of strings: what a checkpoint stores."""
+        return list(self.itos)
+
+    @classmethod
+    def from_list(cls, itos):
+        if list(itos[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+            raise ValueError("not a minigpt vocabulary: its special tokens differ")
+        tok = cls(itos[len(SPECIAL_TOKENS):])
+        if tok.itos != list(itos):
+            raise ValueError("not a minigpt vocabulary: characters repeat or are out of order")
+        return tok

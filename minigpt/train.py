@@ -1,0 +1,166 @@
+"""The one training loop, used by pretraining and instruction tuning alike.
+
+It knows nothing about poems: it takes a model, a function that returns the next batch, a fixed
+list of val batches and an optional sampling hook. It owns the optimizer, the LR schedule
+(warmup, then cosine decay fitted to a step count or a time budget), eval, the JSONL log and checkpoints.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from minigpt.checkpoint import save_checkpoint
+from minigpt.plot import plot_losses
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    max_steps: int = 5000
+    max_minutes: float = 0.0  # a time budget; 0 means none. The LR schedule follows whichever ends first
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_batches: int = 20
+    sample_every: int = 500
+    log_every: int = 10
+    seed: int = 1337
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "sample_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_minutes", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+
+
+def pick_device(name="auto"):
+    """'auto' takes cuda, then mps, then cpu; any other name must be available here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    base = name.split(":")[0]
+    if base not in ok:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    if not ok[base]:
+        raise ValueError(f"device {name!r} is not available on this machine; use --device cpu or auto")
+    return name
+
+
+def make_optimizer(model, cfg):
+    """AdamW; weight decay on matrices only (not on biases, LayerNorm gains or position-free vectors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_at(step, progress, cfg):
+    """Linear warmup over warmup_steps, then cosine from lr down to min_lr as progress goes 0 -> 1."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, device):
+    was_training = model.training
+    model.eval()
+    losses = [model(x.to(device), y.to(device))[1].item() for x, y in batches]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=None, on_event=None, device="cpu"):
+    """Train model in place; returns the last eval record.
+
+    get_batch(generator) -> (x, y) on the CPU; val_batches: a fixed list of (x, y);
+    checkpoint_extra: dict stored in every checkpoint (configs, tokenizer, stage);
+    sample(model, step) -> dict of samples to log; on_event(record) sees every log record."""
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    log = open(os.path.join(out_dir, "log.jsonl"), "w", encoding="utf-8")
+
+    def emit(record):
+        log.write(json.dumps(record, ensure_ascii=False) + "\n")
+        log.flush()
+        if on_event:
+            on_event(record)
+
+    torch.manual_seed(cfg.seed)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    model.to(device).train()
+    opt = make_optimizer(model, cfg)
+    budget = cfg.max_minutes * 60
+    t_start, step, tokens, reserve = time.time(), 0, 0, 0.0
+    last_eval = None
+
+    def progress():
+        by_time = (time.time() - t_start) / max(budget - reserve, 1e-9) if budget else 0.0
+        return max(step / cfg.max_steps, by_time)
+
+    def checkpoint_and_eval():
+        nonlocal last_eval, reserve
+        t = time.time()
+        last_eval = {"kind": "eval", "step": step, "val_loss": evaluate_loss(model, val_batches, device),
+                     "elapsed_s": round(t - t_start, 1), "tokens": tokens}
+        emit(last_eval)
+        if sample is not None and (step % cfg.sample_every == 0 or progress() >= 1):
+            emit({"kind": "sample", "step": step, **sample(model, step)})
+        save_checkpoint(ckpt_path, {
+            **checkpoint_extra, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "train_config": asdict(cfg), "step": step, "val_loss": last_eval["val_loss"],
+            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()},
+        })
+        reserve = max(reserve, time.time() - t)  # keep time at the end of the budget for the last eval
+
+    checkpoint_and_eval()  # step 0: what the model does before any training
+    bar = tqdm(total=cfg.max_steps, desc=checkpoint_extra.get("stage", "train"), unit="step", dynamic_ncols=True)
+    window, t_window = [], 0.0  # losses and seconds of training since the last log line
+    while progress() < 1:
+        t0 = time.time()
+        lr = lr_at(step, progress(), cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = get_batch(data_gen)
+        x, y = x.to(device), y.to(device)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        tokens += x.numel()
+        window.append(loss.item())
+        t_window += time.time() - t0
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            rate = len(window) * x.numel() / t_window
+            emit({"kind": "train", "step": step, "loss": sum(window) / len(window), "lr": lr, "tok_per_s": round(rate)})
+            bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
+            window, t_window = [], 0.0
+        if step % cfg.eval_every == 0 or step % cfg.sample_every == 0:
+            checkpoint_and_eval()
+    bar.close()
+    if last_eval["step"] != step:
+        checkpoint_and_eval()
+    log.close()
+    plot_losses(os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "loss.png"))
+    return last_eval
