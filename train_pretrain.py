@@ -17,7 +17,7 @@ from minigpt.train import train
 PROMPTS = ["春夜喜雨\n", "靜夜思\n", "登高\n", "送友人\n"]  # titles, in the pretraining format: a title and a newline
 
 PRESETS = {
-    "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0),
+    "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0),
                  batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5, max_steps=20, eval_every=10,
                  sample_every=10, eval_batches=2, log_every=5, sample_chars=24),
     "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=192, block_size=128, dropout=0.0),

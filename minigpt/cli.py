@@ -53,7 +53,12 @@ def resolve(args, presets):
 def print_event(record):
     """Show a log record to the person at the terminal (above the progress bar)."""
     if record["kind"] == "eval":
-        tqdm.write(f"step {record['step']}: val loss {record['val_loss']:.3f}")
+        line = f"step {record['step']}: val loss {record['val_loss']:.3f}"
+        if "stop_rate" in record:
+            line += (f" | stop {record['stop_rate']:.0%}, regular form {record['regular_rate']:.0%}, "
+                     f"run-on {record['run_on_rate']:.0%}, mean length {record['mean_length']:.0f}, "
+                     f"title echo {record['title_echo_rate']:.0%}")
+        tqdm.write(line)
     elif record["kind"] == "sample":
         tqdm.write(f"---- samples at step {record['step']} ----")
         for s in record["samples"]:

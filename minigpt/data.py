@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -69,16 +70,37 @@ def split_poems(poems):
     return out
 
 
+# ---- prompt formats: what goes around a title and a poem ----
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """One instruction template: the markers and the instruction text, nothing else."""
+    instruction: str = "請用以下題目寫一首詩"
+    ins: str = "<INS>"
+    inp: str = "<INP>"
+    res: str = "<RES>"
+    end: str = "<END>"
+
+    def prompt(self, input_text):
+        return f"{self.ins}{self.instruction}{self.inp}{input_text}{self.res}"
+
+
+TITLE_TO_POEM = PromptFormat()  # <INS>請用以下題目寫一首詩<INP>{title}<RES>{poem}<END>
+PLAIN = PromptFormat(instruction="", ins="", inp="", res="\n", end="\n\n")  # pretraining text: {title}\n{poem}\n\n
+
+
 # ---- pretraining: poems written one after another, as plain text ----
 
 def pretrain_text(poem):
     """The pretraining form of a poem: title, newline, its lines, a blank line before the next poem."""
-    return f"{poem.title}\n{poem.body}\n\n"
+    return PLAIN.prompt(poem.title) + poem.body + PLAIN.end
 
 
-def build_tokenizer(train_poems):
+def build_tokenizer(train_poems, formats=None):
+    """Every character of the training poems, and of the instruction templates, so prompts never hold <UNK>."""
     from minigpt.tokenizer import CharTokenizer
-    return CharTokenizer.from_texts(pretrain_text(p) for p in train_poems)
+    formats = formats or [TITLE_TO_POEM]
+    return CharTokenizer.from_texts([*(pretrain_text(p) for p in train_poems), *(f.instruction for f in formats)])
 
 
 class PretrainData:
@@ -103,3 +125,82 @@ class PretrainData:
         x = torch.stack([stream[s:s + block_size] for s in starts.tolist()])  # (B, T)
         y = torch.stack([stream[s + 1:s + 1 + block_size] for s in starts.tolist()])  # (B, T)
         return x, y
+
+
+# ---- instruction tuning: <INS>instruction<INP>input<RES>answer<END> ----
+
+NUMBERING = re.compile(r"\s+第?[一二三四五六七八九十百〇零]+$")  # " 一", " 十二", " 第三": the nth poem of a set
+MEANINGLESS_TITLES = {"", "句", "失題"}  # say nothing about the poem, so they cannot teach title -> poem
+REGULAR_LINE = re.compile(r"^(?:[^，。\n]{5}，[^，。\n]{5}。|[^，。\n]{7}，[^，。\n]{7}。)$")
+
+
+def clean_title(title):
+    """Drop numbering suffixes that carry no meaning: '帝京篇十首 一' -> '帝京篇十首'."""
+    title = title.strip()
+    while NUMBERING.search(title):
+        title = NUMBERING.sub("", title).strip()
+    return title
+
+
+def is_regular(text):
+    """絕句 or 律詩 in shape: 2 or 4 lines, each two clauses of 5 (or each of 7) characters ending in ， and 。."""
+    lines = text.split("\n")
+    return len(lines) in (2, 4) and all(REGULAR_LINE.match(line) for line in lines) and len({len(line) for line in lines}) == 1
+
+
+def render_sft(tokenizer, title, answer, fmt=TITLE_TO_POEM):
+    """(ids, mask): the whole example as ids, and 1 where the id is one the model must learn to write
+    (the answer and its <END>), 0 over the prompt. Token i is predicted from tokens before it."""
+    prompt = tokenizer.encode(fmt.prompt(title), unknown="unk")
+    reply = tokenizer.encode(answer + fmt.end, unknown="unk")
+    return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+
+
+def sft_batch(examples, pad_id, train_on_prompt=False):
+    """Pad (ids, mask) examples on the right into x (B, T) and y (B, T); y is IGNORE_INDEX where no loss counts."""
+    from minigpt.model import IGNORE_INDEX
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for b, (ids, mask) in enumerate(examples):
+        n = len(ids) - 1
+        x[b, :n] = torch.tensor(ids[:-1])
+        targets = torch.tensor(ids[1:])
+        keep = torch.ones(n, dtype=torch.bool) if train_on_prompt else torch.tensor(mask[1:], dtype=torch.bool)
+        y[b, :n] = torch.where(keep, targets, torch.full_like(targets, IGNORE_INDEX))
+    return x, y
+
+
+class SFTData:
+    """Title -> poem examples from one split, rendered and filtered. counts says what was left out and why."""
+
+    def __init__(self, poems, tokenizer, block_size, regular_only=False, fmt=TITLE_TO_POEM):
+        self.examples, self.titles, self.answers = [], [], []
+        self.counts = {"poems": len(poems), "meaningless_title": 0, "not_regular": 0, "too_long": 0, "kept": 0}
+        for p in poems:
+            title = clean_title(p.title)
+            if title in MEANINGLESS_TITLES:
+                self.counts["meaningless_title"] += 1
+                continue
+            if regular_only and not is_regular(p.body):
+                self.counts["not_regular"] += 1
+                continue
+            ids, mask = render_sft(tokenizer, title, p.body, fmt)
+            if len(ids) > block_size + 1:  # dropped whole: a cut answer would teach an <END> in the wrong place
+                self.counts["too_long"] += 1
+                continue
+            self.examples.append((ids, mask))
+            self.titles.append(title)
+            self.answers.append(p.body)
+        self.counts["kept"] = len(self.examples)
+
+    def get_batch(self, batch_size, pad_id, generator=None, train_on_prompt=False):
+        picks = torch.randint(len(self.examples), (batch_size,), generator=generator).tolist()
+        return sft_batch([self.examples[i] for i in picks], pad_id, train_on_prompt)
+
+    def val_batches(self, n_batches, batch_size, pad_id):
+        """The first n_batches * batch_size examples, in order: the same every eval. Loss on answers only."""
+        ex = self.examples[: n_batches * batch_size]
+        if not ex:
+            raise ValueError("no held-out example fits the context; use a larger block_size")
+        return [sft_batch(ex[i:i + batch_size], pad_id) for i in range(0, len(ex), batch_size)]

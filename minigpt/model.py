@@ -143,40 +143,44 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(B * T, -1), targets.view(B * T), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=IGNORE_INDEX)
         return logits, loss
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  stop_ids=(), pad_id=0, use_cache=True, generator=None):
         """Sample continuations for a batch of prompts (lists of ids, any lengths).
-        Returns one list of new ids per prompt; a row ends at its first stop id, which is kept."""
+        Returns one list of new ids per prompt; a row ends at its first stop id, which is kept.
+        With the cache, a full window restarts from its last half; without, it slides by one token."""
         device = self.tok_emb.weight.device
-        B, L = len(prompts), max(len(p) for p in prompts)
+        L, W = max(len(p) for p in prompts), self.config.block_size
         # left padding lines the prompts up at the right, so every row's next token is in the last column
         idx = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)  # (B, L)
         real = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)
-        out = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = [[] for _ in prompts]
+        rows = torch.arange(len(prompts), device=device)  # which prompts are still being written
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         caches = None
         for _ in range(max_new_tokens):
-            if use_cache and caches is not None and real.size(1) <= self.config.block_size:
+            if caches is not None and idx.size(1) <= W:
                 logits = self._step(idx[:, -1:], real, caches)  # only the newest token goes through
-            else:
-                # no cache yet, or the window is full: run the last block_size tokens in one pass
-                idx, real = idx[:, -self.config.block_size:], real[:, -self.config.block_size:]
+            else:  # first pass, no cache, or a full window
+                keep = W if not use_cache or caches is None else W // 2
+                idx, real = idx[:, -keep:], real[:, -keep:]
                 caches = [{} for _ in self.blocks] if use_cache else None
                 logits = self._step(idx, real, caches)
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
-            next_id = torch.where(done, torch.full_like(next_id, pad_id), next_id)
-            for b in (~done).nonzero().flatten().tolist():
-                out[b].append(int(next_id[b]))
-            done |= torch.isin(next_id, stop)
-            idx = torch.cat([idx, next_id[:, None]], dim=1)  # (B, L + 1)
-            real = torch.cat([real, ~done[:, None] | torch.isin(next_id, stop)[:, None]], dim=1)
-            if done.all():
-                break
+            for b, t in zip(rows.tolist(), next_id.tolist()):
+                out[b].append(t)
+            idx = torch.cat([idx, next_id[:, None]], dim=1)  # (B, T + 1)
+            real = torch.cat([real, torch.ones_like(next_id[:, None], dtype=torch.bool)], dim=1)
+            going = ~torch.isin(next_id, stop)
+            if not going.all():  # finished rows leave the batch, and their cache rows with them
+                rows, idx, real = rows[going], idx[going], real[going]
+                for c in caches or []:
+                    c["k"], c["v"] = c["k"][going], c["v"][going]
+                if len(rows) == 0:
+                    break
         return out
 
     def _step(self, idx, real, caches):

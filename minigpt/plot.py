@@ -31,3 +31,47 @@ def plot_losses(log_path, png_path, title=None):
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return png_path
+
+
+BEHAVIOUR = [("stop_rate", "stops at <END>"), ("regular_rate", "regular form"), ("run_on_rate", "runs on"),
+             ("title_echo_rate", "echoes title")]
+
+
+def plot_behaviour(log_path, png_path, title="instruction following over SFT steps"):
+    """The behaviour rates measured at each eval (left) and the answer-only val loss (right)."""
+    evals = [r for r in read_log(log_path) if r["kind"] == "eval" and "stop_rate" in r]
+    steps = [r["step"] for r in evals]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in BEHAVIOUR:
+        ax.plot(steps, [100 * r[key] for r in evals], "o-", label=label)
+    ax.set_xlabel("SFT step")
+    ax.set_ylabel("% of held-out titles")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    ax2.plot(steps, [r["val_loss"] for r in evals], "o-", color="C4")
+    ax2.set_xlabel("SFT step")
+    ax2.set_ylabel("val loss on answers")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def plot_runs(runs, png_path, key="val_loss", title=None):
+    """One curve per run: runs is a list of (label, log.jsonl path); eval records' key against step."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, path in runs:
+        evals = [r for r in read_log(path) if r["kind"] == "eval"]
+        ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title(title or key)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path

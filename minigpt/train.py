@@ -87,12 +87,14 @@ def evaluate_loss(model, batches, device):
     return sum(losses) / len(losses)
 
 
-def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=None, on_event=None, device="cpu"):
+def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=None, metrics=None, on_event=None,
+          device="cpu"):
     """Train model in place; returns the last eval record.
 
     get_batch(generator) -> (x, y) on the CPU; val_batches: a fixed list of (x, y);
     checkpoint_extra: dict stored in every checkpoint (configs, tokenizer, stage);
-    sample(model, step) -> dict of samples to log; on_event(record) sees every log record."""
+    sample(model, step) -> dict of samples to log; metrics(model, step) -> dict added to each eval record;
+    on_event(record) sees every log record."""
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = open(os.path.join(out_dir, "log.jsonl"), "w", encoding="utf-8")
@@ -120,6 +122,8 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
         t = time.time()
         last_eval = {"kind": "eval", "step": step, "val_loss": evaluate_loss(model, val_batches, device),
                      "elapsed_s": round(t - t_start, 1), "tokens": tokens}
+        if metrics is not None:
+            last_eval.update(metrics(model, step))
         emit(last_eval)
         if sample is not None and (step % cfg.sample_every == 0 or progress() >= 1):
             emit({"kind": "sample", "step": step, **sample(model, step)})
@@ -128,7 +132,8 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
             "train_config": asdict(cfg), "step": step, "val_loss": last_eval["val_loss"],
             "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()},
         })
-        reserve = max(reserve, time.time() - t)  # keep time at the end of the budget for the last eval
+        # keep time at the end of the budget for the last eval (at most a quarter of the budget)
+        reserve = min(max(reserve, time.time() - t), budget / 4)
 
     checkpoint_and_eval()  # step 0: what the model does before any training
     bar = tqdm(total=cfg.max_steps, desc=checkpoint_extra.get("stage", "train"), unit="step", dynamic_ncols=True)
@@ -151,6 +156,8 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
         window.append(loss.item())
         t_window += time.time() - t0
         bar.update(1)
+        if budget and progress() > step / cfg.max_steps:  # the clock ends this run: show its estimated length
+            bar.total = max(step, round(step / progress()))
         if step % cfg.log_every == 0:
             rate = len(window) * x.numel() / t_window
             emit({"kind": "train", "step": step, "loss": sum(window) / len(window), "lr": lr, "tok_per_s": round(rate)})

@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt.model import GPT, IGNORE_INDEX, CausalSelfAttention, GPTConfig
+
+
+def test_loss_at_init_is_close_to_uniform(model, tiny_config):
+    idx, targets = torch.randint(tiny_config.vocab_size, (2, 8, 32))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(tiny_config.vocab_size)) < 0.1
+
+
+def test_changing_a_later_token_leaves_earlier_logits_alone(model, tiny_config):
+    idx = torch.randint(tiny_config.vocab_size, (2, 20))
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % tiny_config.vocab_size
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("n_head", [1, 2, 4])
+def test_hand_written_attention_equals_sdpa(n_head):
+    cfg = GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=n_head, n_embd=32, use_sdpa=False)
+    attn = CausalSelfAttention(cfg).eval()
+    x = torch.randn(3, 16, 32)
+    manual = attn(x)
+    attn.use_sdpa = True
+    assert torch.allclose(manual, attn(x), atol=1e-5)
+    # and against SDPA called directly on the same projections
+    q, k, v = attn.qkv(x).split(32, dim=2)
+    q, k, v = (t.view(3, 16, n_head, 32 // n_head).transpose(1, 2) for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(3, 16, 32)
+    assert torch.allclose(manual, attn.proj(ref), atol=1e-5)
+
+
+def test_whole_model_same_with_and_without_sdpa(tiny_config):
+    m = GPT(tiny_config).eval()
+    idx = torch.randint(tiny_config.vocab_size, (2, 32))
+    a, _ = m(idx)
+    for block in m.blocks:
+        block.attn.use_sdpa = False
+    b, _ = m(idx)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_ignored_targets_do_not_count(model, tiny_config):
+    idx = torch.randint(tiny_config.vocab_size, (1, 10))
+    targets = idx.clone()
+    targets[0, :5] = IGNORE_INDEX
+    logits, loss = model(idx, targets)
+    assert torch.isclose(loss, F.cross_entropy(logits[0, 5:], idx[0, 5:]))
+
+
+def test_one_batch_overfits(tiny_config):
+    m = GPT(tiny_config).train()
+    idx = torch.randint(tiny_config.vocab_size, (4, 32))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = m(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_bad_configs_say_what_to_fix():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="block_size"):
+        GPTConfig(block_size=0)
+
+
+def test_too_long_input_is_refused(model):
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))

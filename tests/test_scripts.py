@@ -1,0 +1,90 @@
+"""Both scripts end to end on the tiny preset and the fixture corpus."""
+import json
+
+import pytest
+import torch
+
+import train_pretrain
+import train_sft
+from minigpt.checkpoint import load_checkpoint
+
+from conftest import FIXTURE_CORPUS
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    result = train_pretrain.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--out-dir", str(out), "--device", "cpu"])
+    return out, result
+
+
+def test_pretraining_writes_a_checkpoint_that_loads_safely(pretrained):
+    out, result = pretrained
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 20 and ckpt["stage"] == "pretrain"
+    assert {"model", "optimizer", "model_config", "tokenizer", "rng", "train_config"} <= set(ckpt)
+    model, tok, _ = load_checkpoint(str(out))
+    assert model.config.n_embd == 32 and tok.vocab_size == model.config.vocab_size
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_pretraining_log_has_losses_and_samples(pretrained):
+    out, result = pretrained
+    records = [json.loads(line) for line in open(out / "log.jsonl", encoding="utf-8")]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    samples = [r for r in records if r["kind"] == "sample"]
+    assert samples and all(s["prompt"].endswith("\n") and len(s["text"]) == 24 for s in samples[-1]["samples"])
+
+
+def test_time_budget_ends_training(tmp_path):
+    result = train_pretrain.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--out-dir", str(tmp_path),
+                                  "--max-steps", "100000", "--max-minutes", "0.1", "--device", "cpu"])
+    assert 0 < result["step"] < 100000 and result["elapsed_s"] < 6.5
+
+
+def test_sft_runs_from_the_pretrained_checkpoint(pretrained, tmp_path):
+    out, _ = pretrained
+    result = train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(out),
+                             "--out-dir", str(tmp_path), "--device", "cpu"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["stage"] == "sft" and ckpt["model_config"] == torch.load(out / "ckpt.pt", weights_only=True)["model_config"]
+    assert 0 <= result["stop_rate"] <= 1 and [name for name, _ in result["columns"]] == ["base, plain prompt", "base, SFT prompt", "fine-tuned"]
+    assert (tmp_path / "behaviour.png").exists() and "stop rate" in (tmp_path / "table.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--init-from", "/nonexistent/run"], "no checkpoint"),
+    (["--n-head", "3"], None),
+])
+def test_sft_user_errors_exit_2_with_one_line(pretrained, tmp_path, capsys, argv, message):
+    from minigpt.cli import run
+    if argv[0] == "--n-head":  # the SFT script has no model-shape flags: argparse refuses it
+        with pytest.raises(SystemExit) as e:
+            run(train_sft.main, ["--preset", "tiny", *argv])
+        assert e.value.code == 2
+        return
+    with pytest.raises(SystemExit) as e:
+        run(train_sft.main, ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--out-dir", str(tmp_path), *argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_pretrain_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    from minigpt.cli import run
+    for argv, message in [(["--n-embd", "30", "--n-head", "4"], "divisible"), (["--max-steps", "-1"], "max_steps"),
+                          (["--corpus", str(tmp_path / "none.jsonl")], "not found"), (["--device", "tpu"], "unknown device")]:
+        with pytest.raises(SystemExit) as e:
+            run(train_pretrain.main, ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--out-dir", str(tmp_path), *argv])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
+
+
+def test_sft_refuses_a_checkpoint_with_another_tokenizer(pretrained, tmp_path, capsys):
+    from minigpt.cli import run
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"title": "甲", "author": "", "lines": ["乙丙丁戊己，庚辛壬癸子。"]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        run(train_sft.main, ["--preset", "tiny", "--corpus", str(other), "--init-from", str(pretrained[0]), "--out-dir", str(tmp_path)])
+    assert e.value.code == 2 and "another tokenizer" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""Stage 2: instruction tuning. Start from the pretrained checkpoint, fine-tune on
+<INS>請用以下題目寫一首詩<INP>{title}<RES>{poem}<END>, and measure how the answers change.
+
+    python train_sft.py                       # after python train_pretrain.py; about 5 minutes on 2 CPU cores
+    python train_sft.py --train-on-prompt     # also train on the prompt, to compare the loss curves
+
+Every few steps it prints, for the same titles, what the model answers and whether it stopped at <END>.
+"""
+import json
+import os
+
+from minigpt import cli
+from minigpt.checkpoint import CheckpointError, load_checkpoint
+from minigpt.data import DEFAULT_CORPUS, PLAIN, SFTData, build_tokenizer, load_poems, split_poems
+from minigpt.evaluate import answer_val_batches, corpus_regular_rate, eval_titles, format_table, measure, write_answers
+from minigpt.model import GPT, GPTConfig
+from minigpt.plot import plot_behaviour
+from minigpt.train import train
+
+DEMO_TITLES = ["春夜喜雨", "靜夜思"]  # plus the first two held-out test titles
+
+PRESETS = {
+    "tiny": dict(batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=2, max_steps=20, eval_every=10, sample_every=10,
+                 eval_batches=2, log_every=5, eval_titles=6, max_new_tokens=40),
+    "cpu": dict(batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=20, max_steps=300, max_minutes=5.0, eval_every=100,
+                sample_every=100, eval_batches=8, log_every=10, eval_titles=200, max_new_tokens=256),
+    "gpu": dict(batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=50, max_steps=2000, eval_every=250, sample_every=250,
+                eval_batches=16, log_every=25, eval_titles=500, max_new_tokens=256),
+}
+
+
+def main(argv=None):
+    parser = cli.make_parser(__doc__, PRESETS, os.path.join("runs", "sft"), model_flags=("dropout",))
+    parser.add_argument("--init-from", default=os.path.join("runs", "pretrain"), help="pretrained run folder or checkpoint file")
+    parser.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus the pretrained model was trained on")
+    parser.add_argument("--data", choices=["regular", "all"], default="regular",
+                        help="regular: only 絕句/律詩-shaped poems become answers; all: every poem that fits")
+    parser.add_argument("--train-on-prompt", action="store_true", help="count the prompt in the loss too (default: answer only)")
+    parser.add_argument("--eval-titles", type=int, help="held-out titles for the behaviour metrics")
+    parser.add_argument("--max-new-tokens", type=int, help="longest answer when measuring")
+    args = parser.parse_args(argv)
+    _, cfg, device, extra = cli.resolve(args, PRESETS)
+    n_titles, max_new = args.eval_titles or extra["eval_titles"], args.max_new_tokens or extra["max_new_tokens"]
+
+    base, tokenizer, ckpt = load_checkpoint(args.init_from)
+    splits = split_poems(load_poems(args.corpus))
+    if build_tokenizer(splits["train"]).itos != tokenizer.itos:
+        raise CheckpointError(f"{args.init_from} was made with another tokenizer than {args.corpus} gives; "
+                              "pretrain on this corpus first, or pass the corpus it was trained on with --corpus")
+    model_cfg = GPTConfig(**{**ckpt["model_config"], "dropout": args.dropout if args.dropout is not None else ckpt["model_config"]["dropout"]})
+    model = GPT(model_cfg)
+    model.load_state_dict(base.state_dict())
+    T = model_cfg.block_size
+    data = SFTData(splits["train"], tokenizer, T, regular_only=args.data == "regular")
+    if not data.examples:
+        raise cli.UsageError(f"no SFT example fits the model's context of {T} tokens; pretrain with a larger --block-size")
+    val = answer_val_batches(tokenizer, splits["val"], T, n_batches=cfg.eval_batches, batch_size=cfg.batch_size)
+    titles = eval_titles(splits["test"], n_titles)
+    demo = DEMO_TITLES + titles[:2]
+    print(f"SFT data ({args.data}): " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
+    print(f"from {args.init_from} (step {ckpt['step']}): {model.num_params():,} parameters; "
+          f"{len(titles)} test titles measured at every eval; writing to {args.out_dir}")
+
+    def sample(m, step):
+        answers = write_answers(m, tokenizer, demo, max_new_tokens=max_new)
+        return {"samples": [{"title": t, "answer": a, "stopped": s, "length": len(a),
+                             "shown": f"[{t}] ({len(a)} chars, {'stopped at <END>' if s else 'no <END>'})\n{a}"}
+                            for t, (a, s) in zip(demo, answers)]}
+
+    extra_ckpt = {"stage": "sft", "model_config": model_cfg.__dict__.copy(), "tokenizer": tokenizer.to_list(),
+                  "init_from": os.path.abspath(args.init_from), "data": args.data, "train_on_prompt": args.train_on_prompt}
+    result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, tokenizer.pad_id, g, args.train_on_prompt), val,
+                   args.out_dir, extra_ckpt, sample=sample,
+                   metrics=lambda m, step: measure(m, tokenizer, titles, max_new_tokens=max_new),
+                   on_event=cli.print_event, device=device)
+
+    records = [json.loads(line) for line in open(os.path.join(args.out_dir, "log.jsonl"), encoding="utf-8")]
+    evals = [r for r in records if r["kind"] == "eval"]
+    plain = measure(base.to(device), tokenizer, titles, PLAIN, answer_val_batches(
+        tokenizer, splits["val"], T, PLAIN, cfg.eval_batches, cfg.batch_size), max_new_tokens=max_new)
+    columns = [("base, plain prompt", plain), ("base, SFT prompt", {**evals[0], "val_answer_loss": evals[0]["val_loss"]}),
+               ("fine-tuned", {**evals[-1], "val_answer_loss": evals[-1]["val_loss"]})]
+    table = format_table(columns, corpus_regular_rate(splits))
+    print("\n" + table)
+    with open(os.path.join(args.out_dir, "table.txt"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    plot_behaviour(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "behaviour.png"))
+    print(f"done: step {result['step']}, answer val loss {result['val_loss']:.3f}, {result['elapsed_s']:.0f} s; "
+          f"stop rate {result['stop_rate']:.0%}, regular form {result['regular_rate']:.0%}, run-on {result['run_on_rate']:.0%}; "
+          f"see {args.out_dir}/table.txt, loss.png, behaviour.png")
+    return {**result, "columns": columns}
+
+
+if __name__ == "__main__":
+    cli.run(main, None)
