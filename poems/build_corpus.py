@@ -63,7 +63,7 @@ def main(argv=None):
             raw.extend(json.load(fh))
     poems, counts = clean(raw)
     # mtime=0 keeps the gzip bytes identical from one rebuild to the next
-    with open(args.out, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0) as gz:
+    with open(args.out, "wb") as fh, gzip.GzipFile(filename="", fileobj=fh, mode="wb", mtime=0) as gz:
         for p in poems:
             gz.write((json.dumps(p, ensure_ascii=False) + "\n").encode("utf-8"))
     print(f"{len(files)} files; " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; wrote {args.out}")
