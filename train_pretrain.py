@@ -8,11 +8,14 @@ Every few hundred steps it prints what the model writes after a few titles: it n
 import json
 import os
 
+import torch
+
 from minigpt import cli
+from minigpt.checkpoint import CheckpointError
 from minigpt.data import DEFAULT_CORPUS, PretrainData, build_tokenizer, load_poems, split_poems
 from minigpt.model import GPT, GPTConfig
 from minigpt.sample import continue_texts
-from minigpt.train import train
+from minigpt.train import TrainConfig, train
 
 PROMPTS = ["春夜喜雨\n", "靜夜思\n", "登高\n", "送友人\n"]  # titles, in the pretraining format: a title and a newline
 
@@ -20,9 +23,9 @@ PRESETS = {
     "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0),
                  batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5, max_steps=20, eval_every=10,
                  sample_every=10, eval_batches=2, log_every=5, sample_chars=24),
-    "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=192, block_size=128, dropout=0.0),
-                batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=50, max_steps=100000, max_minutes=14.0,
-                eval_every=100, sample_every=300, eval_batches=20, log_every=10, sample_chars=120),
+    "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0),
+                batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=100, max_steps=100000, max_minutes=14.0,
+                eval_every=500, sample_every=1500, eval_batches=40, log_every=50, sample_chars=120),
     "gpu": dict(model=dict(n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.1),
                 batch_size=64, lr=6e-4, min_lr=6e-5, warmup_steps=200, max_steps=20000,
                 eval_every=500, sample_every=1000, eval_batches=40, log_every=50, sample_chars=200),
@@ -36,12 +39,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     model_kw, cfg, device, extra = cli.resolve(args, PRESETS)
     sample_chars = args.sample_chars or extra["sample_chars"]
+    resumed = cli.resume_point(args)
 
     splits = split_poems(load_poems(args.corpus))
     tokenizer = build_tokenizer(splits["train"])
+    if resumed:  # the run goes on with its own settings
+        model, saved_tokenizer, ckpt = resumed
+        if saved_tokenizer.itos != tokenizer.itos:
+            raise CheckpointError(f"{args.out_dir} was trained on another corpus than {args.corpus}; pass that one with --corpus")
+        cfg, model_cfg, sample_chars = TrainConfig(**ckpt["train_config"]), model.config, ckpt["sample_chars"]
+        print(f"resuming {args.out_dir} at step {ckpt['step']}")
+    else:
+        model_cfg = cli.model_config(GPTConfig, vocab_size=tokenizer.vocab_size, **model_kw)
+        torch.manual_seed(cfg.seed)  # the same seed, the same initial weights
+        model = GPT(model_cfg)
     data = PretrainData(splits, tokenizer)
-    model_cfg = cli.model_config(GPTConfig, vocab_size=tokenizer.vocab_size, **model_kw)
-    model = GPT(model_cfg)
     print(f"corpus: {', '.join(f'{k} {len(v)} poems' for k, v in splits.items())}; train {len(data.train):,} characters")
     print(f"model: {model.num_params():,} parameters, vocab {tokenizer.vocab_size}, device {device}; writing to {args.out_dir}")
 
@@ -49,10 +61,12 @@ def main(argv=None):
         texts = continue_texts(m, tokenizer, PROMPTS, sample_chars, seed=cfg.seed)
         return {"samples": [{"prompt": p, "text": t, "shown": p + t} for p, t in zip(PROMPTS, texts)]}
 
-    extra_ckpt = {"stage": "pretrain", "model_config": model_cfg.__dict__.copy(), "tokenizer": tokenizer.to_list()}
+    extra_ckpt = {"stage": "pretrain", "model_config": model_cfg.__dict__.copy(), "tokenizer": tokenizer.to_list(),
+                  "sample_chars": sample_chars}
     result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, model_cfg.block_size, g),
                    data.val_batches(cfg.eval_batches, cfg.batch_size, model_cfg.block_size),
-                   args.out_dir, extra_ckpt, sample=sample, on_event=cli.print_event, device=device)
+                   args.out_dir, extra_ckpt, sample=sample, on_event=cli.print_event, device=device,
+                   resume_from=resumed[2] if resumed else None)
     print(f"done: step {result['step']}, val loss {result['val_loss']:.3f}, {result['elapsed_s']:.0f} s; "
           f"checkpoint {os.path.join(args.out_dir, 'ckpt.pt')}, plot {os.path.join(args.out_dir, 'loss.png')}")
     with open(os.path.join(args.out_dir, "summary.json"), "w", encoding="utf-8") as f:
@@ -61,4 +75,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main, None)
+    cli.run(main, None, "train_pretrain.py")

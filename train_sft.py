@@ -15,7 +15,7 @@ from minigpt.data import DEFAULT_CORPUS, PLAIN, SFTData, build_tokenizer, load_p
 from minigpt.evaluate import answer_val_batches, corpus_regular_rate, eval_titles, format_table, measure, write_answers
 from minigpt.model import GPT, GPTConfig
 from minigpt.plot import plot_behaviour
-from minigpt.train import train
+from minigpt.train import TrainConfig, train
 
 DEMO_TITLES = ["春夜喜雨", "靜夜思"]  # plus the first two held-out test titles
 
@@ -41,15 +41,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _, cfg, device, extra = cli.resolve(args, PRESETS)
     n_titles, max_new = args.eval_titles or extra["eval_titles"], args.max_new_tokens or extra["max_new_tokens"]
-
-    base, tokenizer, ckpt = load_checkpoint(args.init_from)
+    resumed = cli.resume_point(args)
+    if resumed:  # the run goes on with its own settings
+        model, tokenizer, ckpt = resumed
+        cfg = TrainConfig(**ckpt["train_config"])
+        args.init_from, args.data, args.train_on_prompt = ckpt["init_from"], ckpt["data"], ckpt["train_on_prompt"]
+        n_titles, max_new = ckpt["eval_titles"], ckpt["max_new_tokens"]
+        base, _, _ = load_checkpoint(args.init_from)
+        print(f"resuming {args.out_dir} at step {ckpt['step']}")
+    else:
+        base, tokenizer, ckpt = load_checkpoint(args.init_from)
+        dropout = ckpt["model_config"]["dropout"] if args.dropout is None else args.dropout
+        model = GPT(cli.model_config(GPTConfig, **{**ckpt["model_config"], "dropout": dropout}))
+        model.load_state_dict(base.state_dict())
     splits = split_poems(load_poems(args.corpus))
     if build_tokenizer(splits["train"]).itos != tokenizer.itos:
         raise CheckpointError(f"{args.init_from} was made with another tokenizer than {args.corpus} gives; "
                               "pretrain on this corpus first, or pass the corpus it was trained on with --corpus")
-    model_cfg = GPTConfig(**{**ckpt["model_config"], "dropout": args.dropout if args.dropout is not None else ckpt["model_config"]["dropout"]})
-    model = GPT(model_cfg)
-    model.load_state_dict(base.state_dict())
+    model_cfg = model.config
     T = model_cfg.block_size
     data = SFTData(splits["train"], tokenizer, T, regular_only=args.data == "regular")
     if not data.examples:
@@ -68,11 +77,12 @@ def main(argv=None):
                             for t, (a, s) in zip(demo, answers)]}
 
     extra_ckpt = {"stage": "sft", "model_config": model_cfg.__dict__.copy(), "tokenizer": tokenizer.to_list(),
-                  "init_from": os.path.abspath(args.init_from), "data": args.data, "train_on_prompt": args.train_on_prompt}
+                  "init_from": os.path.abspath(args.init_from), "data": args.data, "train_on_prompt": args.train_on_prompt,
+                  "eval_titles": n_titles, "max_new_tokens": max_new}
     result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, tokenizer.pad_id, g, args.train_on_prompt), val,
                    args.out_dir, extra_ckpt, sample=sample,
                    metrics=lambda m, step: measure(m, tokenizer, titles, max_new_tokens=max_new),
-                   on_event=cli.print_event, device=device)
+                   on_event=cli.print_event, device=device, resume_from=ckpt if resumed else None)
 
     records = [json.loads(line) for line in open(os.path.join(args.out_dir, "log.jsonl"), encoding="utf-8")]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -92,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main, None)
+    cli.run(main, None, "train_sft.py")

@@ -5,6 +5,7 @@ temporary file first and are renamed into place, so a crash mid-write never corr
 """
 import os
 import pickle
+import re
 import zipfile
 
 import torch
@@ -35,13 +36,16 @@ def load_checkpoint(path, device="cpu"):
     path = checkpoint_path(path)
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}; train one first (python train_pretrain.py) or pass the right path")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or foreign
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise CheckpointError(f"{path} refused: it holds more than tensors and plain data ({first[:120]})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it would call {found.group(1)}" if found else "it holds more than tensors and plain data"
+        raise CheckpointError(f"{path} refused: {what}; only weights and plain data are loaded") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file: {str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or damaged: {str(e).splitlines()[0][:100]})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
         raise CheckpointError(f"{path} is not a minigpt checkpoint (it lacks {', '.join(k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt)})")
     try:

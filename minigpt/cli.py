@@ -1,15 +1,16 @@
 """What the two training scripts share: presets, flags, device choice, printing, and one-line errors."""
 import argparse
+import os
 import sys
 from dataclasses import fields
 
 from tqdm.auto import tqdm
 
-from minigpt.checkpoint import CheckpointError
+from minigpt.checkpoint import CheckpointError, load_checkpoint
 from minigpt.data import CorpusError
 from minigpt.model import GPTConfig
 from minigpt.tokenizer import UnknownCharacterError
-from minigpt.train import TrainConfig, pick_device
+from minigpt.train import TrainConfig, TrainingStopped, pick_device
 
 USER_ERRORS = (CorpusError, CheckpointError, UnknownCharacterError)
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
@@ -25,6 +26,8 @@ def make_parser(description, presets, default_out, model_flags=MODEL_FLAGS):
                    help="tiny: seconds, for tests; cpu: a laptop; gpu: a bigger model for a GPU")
     p.add_argument("--out-dir", default=default_out, help="where the checkpoint, log.jsonl and loss.png go")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint, with its settings")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --out-dir already holds a run")
     hp = p.add_argument_group("hyperparameters (default: the preset's value)")
     for f in fields(GPTConfig):
         if f.name in model_flags:
@@ -50,6 +53,19 @@ def resolve(args, presets):
     return model_kw, cfg, device, preset
 
 
+def resume_point(args):
+    """(model, tokenizer, checkpoint) of the run to continue, or None for a fresh run; never overwrites by accident."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume:
+        if not os.path.exists(path):
+            raise UsageError(f"nothing to resume: no checkpoint in {args.out_dir}; drop --resume to start a run there")
+        return load_checkpoint(path)
+    if os.path.exists(path) and not args.overwrite:
+        raise UsageError(f"{args.out_dir} already holds a run; continue it with --resume, or start afresh with "
+                         "--overwrite (or pick another --out-dir)")
+    return None
+
+
 def print_event(record):
     """Show a log record to the person at the terminal (above the progress bar)."""
     if record["kind"] == "eval":
@@ -66,13 +82,18 @@ def print_event(record):
         tqdm.write("-" * 30)
 
 
-def run(main_fn, argv):
-    """Run a script's main; a user mistake ends with one line on stderr and exit status 2."""
+def run(main_fn, argv, script):
+    """Run a script's main; a user mistake ends with one line on stderr and exit status 2,
+    an interruption with one line saying how to resume."""
     try:
         return main_fn(argv)
     except (UsageError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingStopped as e:
+        hint = f"; resume with: python {script} --resume --out-dir {e.out_dir}" if e.resumable else ""
+        print(f"stopped: {e}{hint}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
 
 
 def model_config(cls, **kw):

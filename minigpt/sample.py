@@ -1,14 +1,98 @@
-"""Writing with a trained model: continue a text (pretraining format) in a few lines of code."""
+"""Writing with a trained model: continue a text, or answer a title, from the command line or from code.
+
+    python -m minigpt.sample --title 春夜喜雨 靜夜思          # with the fine-tuned model in runs/sft
+    python -m minigpt.sample --checkpoint runs/pretrain --title 春夜喜雨   # the base model just continues
+
+Titles are checked first: characters the model never saw are named (with the traditional form where the
+corpus knows it), and an empty or too long title is refused, each with a one-line message.
+"""
+import argparse
+import json
+import os
+import sys
+
 import torch
 
+from minigpt.data import PLAIN, TITLE_TO_POEM
 
-def continue_texts(model, tokenizer, prompts, max_new_tokens, temperature=0.8, top_k=50, seed=0, stop_ids=()):
+SIMPLIFIED_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "poems", "simplified.json")
+
+
+class TitleError(ValueError):
+    """A title the model cannot take; the message says why and what to do."""
+
+
+def traditional_hints(chars, table_path=SIMPLIFIED_TABLE):
+    """{simplified: traditional} for those chars the corpus-derived table knows."""
+    if not os.path.exists(table_path):
+        return {}
+    with open(table_path, encoding="utf-8") as f:
+        table = json.load(f)
+    return {c: table[c] for c in chars if c in table}
+
+
+def check_title(title, tokenizer, block_size, fmt=TITLE_TO_POEM, min_answer=16, allow_unknown=False):
+    """The title, stripped, if the model can take it; else TitleError with a one-line reason."""
+    title = title.strip()
+    if not title:
+        raise TitleError("empty title: give a few characters, e.g. --title 春夜喜雨")
+    missing = tokenizer.unknown_chars(title)
+    if missing and not allow_unknown:
+        hints = traditional_hints(missing)
+        hint = (f"; the poems write {', '.join(f'{s} as {t}' for s, t in hints.items())}" if hints else "")
+        raise TitleError(f"title {title!r} has characters the model never saw: {' '.join(missing)}{hint}"
+                         " (the corpus is in traditional characters; --allow-unknown turns them into <UNK>)")
+    room = block_size - min_answer - len(tokenizer.encode(fmt.prompt(""), unknown="unk"))
+    if len(title) > room:
+        raise TitleError(f"title of {len(title)} characters is too long: with this model's context of {block_size} "
+                         f"tokens it may have at most {room}")
+    return title
+
+
+def continue_texts(model, tokenizer, prompts, max_new_tokens, temperature=0.8, top_k=50, top_p=None, seed=0, stop_ids=()):
     """For each prompt string, the text the model writes after it (special tokens shown as they are)."""
     gen = torch.Generator(device=model.tok_emb.weight.device).manual_seed(seed)
     ids = [tokenizer.encode(p, unknown="warn") for p in prompts]
     was_training = model.training
     model.eval()
-    outs = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, stop_ids=stop_ids,
+    outs = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
                           pad_id=tokenizer.pad_id, generator=gen)
     model.train(was_training)
     return [tokenizer.decode(o) for o in outs]
+
+
+def main(argv=None):
+    from minigpt.checkpoint import CheckpointError, load_checkpoint
+    from minigpt.train import pick_device
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=os.path.join("runs", "sft"), help="run folder or checkpoint file")
+    p.add_argument("--title", nargs="+", required=True, help="one or more titles")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--allow-unknown", action="store_true", help="write unknown characters as <UNK> instead of refusing")
+    args = p.parse_args(argv)
+    try:
+        if args.max_new_tokens <= 0 or args.temperature < 0 or (args.top_k is not None and args.top_k <= 0):
+            raise TitleError("--max-new-tokens and --top-k must be positive and --temperature not negative")
+        model, tokenizer, ckpt = load_checkpoint(args.checkpoint, pick_device(args.device))
+        fmt = TITLE_TO_POEM if ckpt.get("stage") == "sft" else PLAIN  # a base model only knows plain text
+        titles = [check_title(t, tokenizer, model.config.block_size, fmt, allow_unknown=args.allow_unknown) for t in args.title]
+    except (CheckpointError, TitleError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    prompts = [fmt.prompt(t) for t in titles]
+    answers = continue_texts(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                             args.seed, stop_ids=[tokenizer.end_id])
+    for title, answer in zip(titles, answers):
+        stopped = answer.endswith(TITLE_TO_POEM.end)
+        print(f"【{title}】\n{answer.removesuffix(TITLE_TO_POEM.end)}")
+        print("(stopped at <END>)\n" if stopped else f"(no <END> within {args.max_new_tokens} tokens)\n")
+    return answers
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,8 @@ list of val batches and an optional sampling hook. It owns the optimizer, the LR
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -87,17 +89,53 @@ def evaluate_loss(model, batches, device):
     return sum(losses) / len(losses)
 
 
+class TrainingStopped(Exception):
+    """Training ended early: interrupted (a checkpoint was saved) or diverged (the last good one is kept)."""
+
+    def __init__(self, message, out_dir, exit_code, resumable=True):
+        super().__init__(message)
+        self.out_dir, self.exit_code, self.resumable = out_dir, exit_code, resumable
+
+
+def _read_log_until(path, step):
+    """The log records up to and including step: what a run resumed from that step's checkpoint keeps."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+
+
 def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=None, metrics=None, on_event=None,
-          device="cpu"):
+          device="cpu", resume_from=None):
     """Train model in place; returns the last eval record.
 
     get_batch(generator) -> (x, y) on the CPU; val_batches: a fixed list of (x, y);
     checkpoint_extra: dict stored in every checkpoint (configs, tokenizer, stage);
     sample(model, step) -> dict of samples to log; metrics(model, step) -> dict added to each eval record;
-    on_event(record) sees every log record."""
+    on_event(record) sees every log record; resume_from: a checkpoint dict of this run to continue.
+    SIGINT / SIGTERM save a checkpoint and raise TrainingStopped; so does a loss that is not finite."""
     os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    log = open(os.path.join(out_dir, "log.jsonl"), "w", encoding="utf-8")
+    ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
+    torch.manual_seed(cfg.seed)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    model.to(device).train()
+    opt = make_optimizer(model, cfg)
+    step, tokens, elapsed, reserve, window, t_window = 0, 0, 0.0, 0.0, [], 0.0
+    kept_log = []
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        opt.load_state_dict(resume_from["optimizer"])
+        torch.set_rng_state(resume_from["rng"]["torch"].cpu())
+        data_gen.set_state(resume_from["rng"]["data"].cpu())
+        step, tokens, elapsed, reserve = resume_from["step"], resume_from["tokens"], resume_from["elapsed_s"], resume_from["reserve"]
+        window = list(resume_from["window"])  # losses since the last log line, so that line comes out the same
+        kept_log = _read_log_until(log_path, step)
+    log = open(log_path, "w", encoding="utf-8")
+    log.writelines(kept_log)
+    budget = cfg.max_minutes * 60
+    t_start = time.time() - elapsed  # the time budget counts the time before an interruption too
+    last_eval = next((json.loads(r) for r in reversed(kept_log) if json.loads(r)["kind"] == "eval"), None)
+    saved_step = resume_from["step"] if resume_from is not None else None
 
     def emit(record):
         log.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -105,17 +143,19 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
         if on_event:
             on_event(record)
 
-    torch.manual_seed(cfg.seed)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    model.to(device).train()
-    opt = make_optimizer(model, cfg)
-    budget = cfg.max_minutes * 60
-    t_start, step, tokens, reserve = time.time(), 0, 0, 0.0
-    last_eval = None
-
     def progress():
         by_time = (time.time() - t_start) / max(budget - reserve, 1e-9) if budget else 0.0
         return max(step / cfg.max_steps, by_time)
+
+    def save():
+        nonlocal saved_step
+        save_checkpoint(ckpt_path, {
+            **checkpoint_extra, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "train_config": asdict(cfg), "step": step, "tokens": tokens, "elapsed_s": time.time() - t_start,
+            "reserve": reserve, "window": list(window), "val_loss": last_eval["val_loss"] if last_eval else None,
+            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()},
+        })
+        saved_step = step
 
     def checkpoint_and_eval():
         nonlocal last_eval, reserve
@@ -127,47 +167,64 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
         emit(last_eval)
         if sample is not None and (step % cfg.sample_every == 0 or progress() >= 1):
             emit({"kind": "sample", "step": step, **sample(model, step)})
-        save_checkpoint(ckpt_path, {
-            **checkpoint_extra, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "train_config": asdict(cfg), "step": step, "val_loss": last_eval["val_loss"],
-            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()},
-        })
         # keep time at the end of the budget for the last eval (at most a quarter of the budget)
         reserve = min(max(reserve, time.time() - t), budget / 4)
+        save()
 
-    checkpoint_and_eval()  # step 0: what the model does before any training
-    bar = tqdm(total=cfg.max_steps, desc=checkpoint_extra.get("stage", "train"), unit="step", dynamic_ncols=True)
-    window, t_window = [], 0.0  # losses and seconds of training since the last log line
-    while progress() < 1:
-        t0 = time.time()
-        lr = lr_at(step, progress(), cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(data_gen)
-        x, y = x.to(device), y.to(device)
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        tokens += x.numel()
-        window.append(loss.item())
-        t_window += time.time() - t0
-        bar.update(1)
-        if budget and progress() > step / cfg.max_steps:  # the clock ends this run: show its estimated length
-            bar.total = max(step, round(step / progress()))
-        if step % cfg.log_every == 0:
-            rate = len(window) * x.numel() / t_window
-            emit({"kind": "train", "step": step, "loss": sum(window) / len(window), "lr": lr, "tok_per_s": round(rate)})
-            bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
-            window, t_window = [], 0.0
-        if step % cfg.eval_every == 0 or step % cfg.sample_every == 0:
+    signals = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: signals.append(signum))
+    bar = None
+    try:
+        if last_eval is None:
+            checkpoint_and_eval()  # step 0: what the model does before any training
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=checkpoint_extra.get("stage", "train"), unit="step",
+                   dynamic_ncols=True)
+        while progress() < 1 and not signals:
+            t0 = time.time()
+            lr = lr_at(step, progress(), cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = get_batch(data_gen)
+            x, y = x.to(device), y.to(device)
+            _, loss = model(x, y)
+            if not math.isfinite(loss.item()):
+                raise TrainingStopped(
+                    f"loss is {loss.item()} at step {step + 1}: training diverged and stopped. The last good checkpoint "
+                    f"(step {saved_step}) stays in {ckpt_path}; try a lower --lr or a longer --warmup-steps",
+                    out_dir, exit_code=1, resumable=False)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            tokens += x.numel()
+            window.append(loss.item())
+            t_window += time.time() - t0
+            bar.update(1)
+            if budget and progress() > step / cfg.max_steps:  # the clock ends this run: show its estimated length
+                bar.total = max(step, round(step / progress()))
+            if step % cfg.log_every == 0:
+                rate = len(window) * x.numel() / max(t_window, 1e-9)
+                emit({"kind": "train", "step": step, "loss": sum(window) / len(window), "lr": lr, "tok_per_s": round(rate)})
+                bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
+                window, t_window = [], 0.0
+            if step % cfg.eval_every == 0 or step % cfg.sample_every == 0:
+                checkpoint_and_eval()
+        if signals:
+            save()
+            name = signal.Signals(signals[0]).name
+            raise TrainingStopped(f"{name} at step {step}: checkpoint saved in {ckpt_path}", out_dir, exit_code=128 + signals[0])
+        if last_eval["step"] != step:
             checkpoint_and_eval()
-    bar.close()
-    if last_eval["step"] != step:
-        checkpoint_and_eval()
-    log.close()
-    plot_losses(os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "loss.png"))
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+    plot_losses(log_path, os.path.join(out_dir, "loss.png"))
     return last_eval

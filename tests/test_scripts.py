@@ -62,11 +62,11 @@ def test_sft_user_errors_exit_2_with_one_line(pretrained, tmp_path, capsys, argv
     from minigpt.cli import run
     if argv[0] == "--n-head":  # the SFT script has no model-shape flags: argparse refuses it
         with pytest.raises(SystemExit) as e:
-            run(train_sft.main, ["--preset", "tiny", *argv])
+            run(train_sft.main, ["--preset", "tiny", *argv], "train_sft.py")
         assert e.value.code == 2
         return
     with pytest.raises(SystemExit) as e:
-        run(train_sft.main, ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--out-dir", str(tmp_path), *argv])
+        run(train_sft.main, ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--out-dir", str(tmp_path), *argv], "train_sft.py")
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
 
@@ -76,7 +76,7 @@ def test_pretrain_user_errors_exit_2_with_one_line(tmp_path, capsys):
     for argv, message in [(["--n-embd", "30", "--n-head", "4"], "divisible"), (["--max-steps", "-1"], "max_steps"),
                           (["--corpus", str(tmp_path / "none.jsonl")], "not found"), (["--device", "tpu"], "unknown device")]:
         with pytest.raises(SystemExit) as e:
-            run(train_pretrain.main, ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--out-dir", str(tmp_path), *argv])
+            run(train_pretrain.main, ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--out-dir", str(tmp_path), *argv], "train_pretrain.py")
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
 
@@ -86,5 +86,5 @@ def test_sft_refuses_a_checkpoint_with_another_tokenizer(pretrained, tmp_path, c
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"title": "甲", "author": "", "lines": ["乙丙丁戊己，庚辛壬癸子。"]}, ensure_ascii=False) + "\n", encoding="utf-8")
     with pytest.raises(SystemExit) as e:
-        run(train_sft.main, ["--preset", "tiny", "--corpus", str(other), "--init-from", str(pretrained[0]), "--out-dir", str(tmp_path)])
+        run(train_sft.main, ["--preset", "tiny", "--corpus", str(other), "--init-from", str(pretrained[0]), "--out-dir", str(tmp_path)], "train_sft.py")
     assert e.value.code == 2 and "another tokenizer" in capsys.readouterr().err

@@ -1,0 +1,66 @@
+"""The user-facing writer: python -m minigpt.sample, and the title checks behind it."""
+import json
+
+import pytest
+
+import train_pretrain
+import train_sft
+from minigpt import sample
+from minigpt.sample import TitleError, check_title, traditional_hints
+
+from conftest import FIXTURE_CORPUS
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    pre, sft = tmp_path_factory.mktemp("pre"), tmp_path_factory.mktemp("sft")
+    train_pretrain.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--out-dir", str(pre), "--overwrite"])
+    train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(pre), "--out-dir", str(sft), "--overwrite"])
+    return pre, sft
+
+
+def test_the_corpus_table_maps_simplified_to_traditional():
+    assert traditional_hints(["风", "爱", "山"]) == {"风": "風", "爱": "愛"}
+    table = json.load(open(sample.SIMPLIFIED_TABLE, encoding="utf-8"))
+    assert len(table) > 300 and all(len(k) == len(v) == 1 and k != v for k, v in table.items())
+
+
+def test_titles_are_checked(tokenizer, splits):
+    title = splits["train"][0].title.split()[0][:4]
+    assert check_title(f"  {title} ", tokenizer, 64) == title
+    with pytest.raises(TitleError, match="empty title"):
+        check_title("   ", tokenizer, 64)
+    with pytest.raises(TitleError, match="too long"):
+        check_title(title * 20, tokenizer, 64)
+    with pytest.raises(TitleError, match=r"never saw: 风 x") as e:
+        check_title(title + "风x", tokenizer, 64)
+    assert "风 as 風" in str(e.value)
+    assert check_title(title + "x", tokenizer, 64, allow_unknown=True) == title + "x"
+
+
+def test_sample_writes_for_each_title(runs, capsys, tokenizer, splits):
+    _, sft = runs
+    title = splits["train"][0].title.split()[0][:4]
+    answers = sample.main(["--checkpoint", str(sft), "--title", title, title[:2], "--max-new-tokens", "20"])
+    out = capsys.readouterr().out
+    assert len(answers) == 2 and f"【{title}】" in out and f"【{title[:2]}】" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--title", "风雨"], "never saw"),
+    (["--title", ""], "empty title"),
+    (["--title", "山" * 80], "too long"),
+    (["--title", "山", "--temperature", "-1"], "temperature"),
+])
+def test_sample_user_errors_are_one_line(runs, capsys, argv, message):
+    _, sft = runs
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--checkpoint", str(sft), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_sample_refuses_a_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--checkpoint", str(tmp_path / "nothing"), "--title", "春"])
+    assert e.value.code == 2 and "no checkpoint" in capsys.readouterr().err
