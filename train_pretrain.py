@@ -67,6 +67,8 @@ def main(argv=None):
                    data.val_batches(cfg.eval_batches, cfg.batch_size, model_cfg.block_size),
                    args.out_dir, extra_ckpt, sample=sample, on_event=cli.print_event, device=device,
                    resume_from=resumed[2] if resumed else None)
+    if not cli.is_lead():
+        return result
     print(f"done: step {result['step']}, val loss {result['val_loss']:.3f}, {result['elapsed_s']:.0f} s; "
           f"checkpoint {os.path.join(args.out_dir, 'ckpt.pt')}, plot {os.path.join(args.out_dir, 'loss.png')}")
     with open(os.path.join(args.out_dir, "summary.json"), "w", encoding="utf-8") as f:

@@ -83,6 +83,8 @@ def main(argv=None):
                    args.out_dir, extra_ckpt, sample=sample,
                    metrics=lambda m, step: measure(m, tokenizer, titles, max_new_tokens=max_new),
                    on_event=cli.print_event, device=device, resume_from=ckpt if resumed else None)
+    if not cli.is_lead():
+        return result
 
     records = [json.loads(line) for line in open(os.path.join(args.out_dir, "log.jsonl"), encoding="utf-8")]
     evals = [r for r in records if r["kind"] == "eval"]

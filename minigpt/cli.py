@@ -4,6 +4,7 @@ import os
 import sys
 from dataclasses import fields
 
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from minigpt.checkpoint import CheckpointError, load_checkpoint
@@ -32,9 +33,13 @@ def make_parser(description, presets, default_out, model_flags=MODEL_FLAGS):
     for f in fields(GPTConfig):
         if f.name in model_flags:
             hp.add_argument("--" + f.name.replace("_", "-"), type=f.type if callable(f.type) else type(f.default))
+    helps = {"max_minutes": "minutes of training; 0 = no limit", "dtype": "float32, bfloat16 (autocast) or auto",
+             "compile": "torch.compile the model for training"}
     for f in fields(TrainConfig):
-        hp.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
-                        help="minutes of training; 0 = no limit" if f.name == "max_minutes" else None)
+        if isinstance(f.default, bool):
+            hp.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=helps.get(f.name))
+        else:
+            hp.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), help=helps.get(f.name))
     return p
 
 
@@ -94,6 +99,14 @@ def run(main_fn, argv, script):
         hint = f"; resume with: python {script} --resume --out-dir {e.out_dir}" if e.resumable else ""
         print(f"stopped: {e}{hint}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def is_lead():
+    """True in the one process that prints and writes: the only one, or rank 0 under torchrun."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def model_config(cls, **kw):

@@ -86,9 +86,9 @@ def measure(model, tokenizer, titles, fmt=TITLE_TO_POEM, val_batches=None, max_n
     return out
 
 
-ROWS = [("stop_rate", "stop rate", "{:.0%}"), ("regular_rate", "regular form (絕句/律詩)", "{:.0%}"),
-        ("run_on_rate", "runs on into another poem", "{:.0%}"), ("mean_length", "mean answer length (chars)", "{:.1f}"),
-        ("title_echo_rate", "echoes the title", "{:.0%}"), ("val_answer_loss", "val loss on answers", "{:.3f}")]
+ROWS = [("stop_rate", "stop rate", "{:.1%}"), ("regular_rate", "regular form (絕句/律詩)", "{:.1%}"),
+        ("run_on_rate", "runs on into another poem", "{:.1%}"), ("mean_length", "mean answer length (chars)", "{:.1f}"),
+        ("title_echo_rate", "echoes the title", "{:.1%}"), ("val_answer_loss", "val loss on answers", "{:.3f}")]
 
 
 def format_table(columns, corpus_regular_rate=None):

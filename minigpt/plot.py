@@ -22,9 +22,14 @@ def plot_losses(log_path, png_path, title=None):
         ax.plot(*zip(*train), label="train", alpha=0.7)
     if val:
         ax.plot(*zip(*val), "o-", label="val")
+    return _finish(fig, ax, "loss (nats per token)", title or log_path, png_path)
+
+
+def _finish(fig, ax, ylabel, title, png_path):
+    """Label, grid and legend a one-panel figure against steps, then save it."""
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title(title or log_path)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -66,12 +71,4 @@ def plot_runs(runs, png_path, key="val_loss", title=None):
     for label, path in runs:
         evals = [r for r in read_log(path) if r["kind"] == "eval"]
         ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(key.replace("_", " "))
-    ax.set_title(title or key)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
+    return _finish(fig, ax, key.replace("_", " "), title or key, png_path)

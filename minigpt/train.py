@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from minigpt.checkpoint import save_checkpoint
@@ -36,6 +38,8 @@ class TrainConfig:
     sample_every: int = 500
     log_every: int = 10
     seed: int = 1337
+    dtype: str = "float32"  # float32, bfloat16 (autocast) or auto (bfloat16 where the hardware has it)
+    compile: bool = False  # torch.compile the model for the training steps
 
     def __post_init__(self):
         for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "sample_every", "log_every"):
@@ -46,13 +50,35 @@ class TrainConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.dtype not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
+
+
+def cpu_has_bfloat16():
+    """True where the CPU has bfloat16 instructions (AVX512-BF16 or AMX), as Linux reports them."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(name, device):
+    """The autocast dtype for training (None: plain float32). 'auto' picks bfloat16 where the hardware has it."""
+    kind = device.split(":")[0]
+    if name == "bfloat16" or (name == "auto" and kind == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    if name == "auto" and kind == "cpu" and cpu_has_bfloat16():
+        return torch.bfloat16
+    return None
 
 
 def pick_device(name="auto"):
     """'auto' takes cuda, then mps, then cpu; any other name must be available here."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
+        if torch.cuda.is_available():  # under torchrun, each process takes the GPU of its local rank
+            return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
         return "mps" if torch.backends.mps.is_available() else "cpu"
     ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     base = name.split(":")[0]
@@ -105,21 +131,39 @@ def _read_log_until(path, step):
         return [line for line in f if line.strip() and json.loads(line)["step"] <= step]
 
 
+def distributed():
+    """(rank, world size): under torchrun this process joins the group (gloo on CPU, nccl on GPU); else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
 def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=None, metrics=None, on_event=None,
           device="cpu", resume_from=None):
     """Train model in place; returns the last eval record.
 
-    get_batch(generator) -> (x, y) on the CPU; val_batches: a fixed list of (x, y);
+    get_batch(generator) -> (x, y) on the CPU, the whole batch; val_batches: a fixed list of (x, y);
     checkpoint_extra: dict stored in every checkpoint (configs, tokenizer, stage);
     sample(model, step) -> dict of samples to log; metrics(model, step) -> dict added to each eval record;
     on_event(record) sees every log record; resume_from: a checkpoint dict of this run to continue.
-    SIGINT / SIGTERM save a checkpoint and raise TrainingStopped; so does a loss that is not finite."""
+    SIGINT / SIGTERM save a checkpoint and raise TrainingStopped; so does a loss that is not finite.
+    Under torchrun each process trains on its share of every batch; process 0 evaluates, logs and saves."""
+    rank, world = distributed()
+    lead = rank == 0
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes")
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     torch.manual_seed(cfg.seed)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # the same in every process: each takes its rows of one batch
     model.to(device).train()
     opt = make_optimizer(model, cfg)
+    amp = autocast_dtype(cfg.dtype, device)  # eval and sampling stay in float32
+    step_model = DDP(model) if world > 1 else model  # averages the gradients of all processes in backward()
+    step_model = torch.compile(step_model) if cfg.compile else step_model
     step, tokens, elapsed, reserve, window, t_window = 0, 0, 0.0, 0.0, [], 0.0
     kept_log = []
     if resume_from is not None:
@@ -130,8 +174,9 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
         step, tokens, elapsed, reserve = resume_from["step"], resume_from["tokens"], resume_from["elapsed_s"], resume_from["reserve"]
         window = list(resume_from["window"])  # losses since the last log line, so that line comes out the same
         kept_log = _read_log_until(log_path, step)
-    log = open(log_path, "w", encoding="utf-8")
-    log.writelines(kept_log)
+    if lead:
+        log = open(log_path, "w", encoding="utf-8")
+        log.writelines(kept_log)
     budget = cfg.max_minutes * 60
     t_start = time.time() - elapsed  # the time budget counts the time before an interruption too
     last_eval = next((json.loads(r) for r in reversed(kept_log) if json.loads(r)["kind"] == "eval"), None)
@@ -147,28 +192,40 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
         by_time = (time.time() - t_start) / max(budget - reserve, 1e-9) if budget else 0.0
         return max(step / cfg.max_steps, by_time)
 
+    def agree(value):
+        """The largest value over all processes, so that they all stop (or go on) together."""
+        if world == 1:
+            return value
+        t = torch.tensor([float(value)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
     def save():
         nonlocal saved_step
-        save_checkpoint(ckpt_path, {
-            **checkpoint_extra, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "train_config": asdict(cfg), "step": step, "tokens": tokens, "elapsed_s": time.time() - t_start,
-            "reserve": reserve, "window": list(window), "val_loss": last_eval["val_loss"] if last_eval else None,
-            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()},
-        })
+        if lead:
+            save_checkpoint(ckpt_path, {
+                **checkpoint_extra, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "train_config": asdict(cfg), "step": step, "tokens": tokens, "elapsed_s": time.time() - t_start,
+                "reserve": reserve, "window": list(window), "val_loss": last_eval["val_loss"] if last_eval else None,
+                "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()},
+            })
         saved_step = step
 
     def checkpoint_and_eval():
         nonlocal last_eval, reserve
         t = time.time()
-        last_eval = {"kind": "eval", "step": step, "val_loss": evaluate_loss(model, val_batches, device),
-                     "elapsed_s": round(t - t_start, 1), "tokens": tokens}
-        if metrics is not None:
-            last_eval.update(metrics(model, step))
-        emit(last_eval)
-        if sample is not None and (step % cfg.sample_every == 0 or progress() >= 1):
-            emit({"kind": "sample", "step": step, **sample(model, step)})
+        if lead:
+            last_eval = {"kind": "eval", "step": step, "val_loss": evaluate_loss(model, val_batches, device),
+                         "elapsed_s": round(t - t_start, 1), "tokens": tokens}
+            if metrics is not None:
+                last_eval.update(metrics(model, step))
+            emit(last_eval)
+            if sample is not None and (step % cfg.sample_every == 0 or progress() >= 1):
+                emit({"kind": "sample", "step": step, **sample(model, step)})
+        else:
+            last_eval = {"kind": "eval", "step": step}
         # keep time at the end of the budget for the last eval (at most a quarter of the budget)
-        reserve = min(max(reserve, time.time() - t), budget / 4)
+        reserve = agree(min(max(reserve, time.time() - t), budget / 4))
         save()
 
     signals = []
@@ -181,50 +238,58 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
         if last_eval is None:
             checkpoint_and_eval()  # step 0: what the model does before any training
         bar = tqdm(total=cfg.max_steps, initial=step, desc=checkpoint_extra.get("stage", "train"), unit="step",
-                   dynamic_ncols=True)
-        while progress() < 1 and not signals:
+                   dynamic_ncols=True, disable=not lead)
+        while not agree(progress() >= 1 or bool(signals)):
             t0 = time.time()
             lr = lr_at(step, progress(), cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
             x, y = get_batch(data_gen)
-            x, y = x.to(device), y.to(device)
-            _, loss = model(x, y)
+            x, y = x[rank::world].to(device), y[rank::world].to(device)  # this process's rows of the batch
+            with torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
+                _, loss = step_model(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:  # the logged loss is the mean over all processes
+                loss = loss.detach().clone()
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             if not math.isfinite(loss.item()):
                 raise TrainingStopped(
                     f"loss is {loss.item()} at step {step + 1}: training diverged and stopped. The last good checkpoint "
                     f"(step {saved_step}) stays in {ckpt_path}; try a lower --lr or a longer --warmup-steps",
                     out_dir, exit_code=1, resumable=False)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            tokens += x.numel()
+            tokens += x.numel() * world
             window.append(loss.item())
             t_window += time.time() - t0
             bar.update(1)
             if budget and progress() > step / cfg.max_steps:  # the clock ends this run: show its estimated length
                 bar.total = max(step, round(step / progress()))
             if step % cfg.log_every == 0:
-                rate = len(window) * x.numel() / max(t_window, 1e-9)
-                emit({"kind": "train", "step": step, "loss": sum(window) / len(window), "lr": lr, "tok_per_s": round(rate)})
+                rate = len(window) * x.numel() * world / max(t_window, 1e-9)
+                if lead:
+                    emit({"kind": "train", "step": step, "loss": sum(window) / len(window), "lr": lr, "tok_per_s": round(rate)})
                 bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
                 window, t_window = [], 0.0
             if step % cfg.eval_every == 0 or step % cfg.sample_every == 0:
                 checkpoint_and_eval()
-        if signals:
+        if agree(bool(signals)):
             save()
-            name = signal.Signals(signals[0]).name
-            raise TrainingStopped(f"{name} at step {step}: checkpoint saved in {ckpt_path}", out_dir, exit_code=128 + signals[0])
+            name = signal.Signals(signals[0]).name if signals else "a signal to another process"
+            raise TrainingStopped(f"{name} at step {step}: checkpoint saved in {ckpt_path}", out_dir,
+                                  exit_code=128 + (signals[0] if signals else signal.SIGTERM))
         if last_eval["step"] != step:
             checkpoint_and_eval()
     finally:
         if bar is not None:
             bar.close()
-        log.close()
+        if lead:
+            log.close()
         for sig, old in handlers.items():
             signal.signal(sig, old)
-    plot_losses(log_path, os.path.join(out_dir, "loss.png"))
+    if lead:
+        plot_losses(log_path, os.path.join(out_dir, "loss.png"), title=f"{checkpoint_extra.get('stage', 'training')}: loss")
     return last_eval

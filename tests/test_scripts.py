@@ -1,5 +1,6 @@
 """Both scripts end to end on the tiny preset and the fixture corpus."""
 import json
+import os
 
 import pytest
 import torch
@@ -88,3 +89,22 @@ def test_sft_refuses_a_checkpoint_with_another_tokenizer(pretrained, tmp_path, c
     with pytest.raises(SystemExit) as e:
         run(train_sft.main, ["--preset", "tiny", "--corpus", str(other), "--init-from", str(pretrained[0]), "--out-dir", str(tmp_path)], "train_sft.py")
     assert e.value.code == 2 and "another tokenizer" in capsys.readouterr().err
+
+
+def test_two_processes_under_torchrun_match_one(tmp_path):
+    """DistributedDataParallel on 2 CPU processes (gloo), same global batch: the same losses as one process."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--device", "cpu", "--max-steps", "12", "--log-every", "1"]
+    train_pretrain.main(args + ["--out-dir", str(tmp_path / "one")])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train_pretrain.py", *args, "--out-dir", str(tmp_path / "two")],
+                          cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def losses(out):
+        return [r["loss"] for r in map(json.loads, open(out / "log.jsonl", encoding="utf-8")) if r["kind"] == "train"]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 12
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-3, (one, two)
