@@ -22,13 +22,14 @@ PROMPTS = ["春夜喜雨\n", "靜夜思\n", "登高\n", "送友人\n"]  # titles
 PRESETS = {
     "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0),
                  batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5, max_steps=20, eval_every=10,
-                 sample_every=10, eval_batches=2, log_every=5, sample_chars=24),
-    "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0),
-                batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=100, max_steps=100000, max_minutes=14.0,
-                eval_every=500, sample_every=1500, eval_batches=40, log_every=50, sample_chars=120),
+                 sample_every=10, eval_batches=2, log_every=5, sample_chars=24, dtype="float32"),
+    # bfloat16 autocast where the CPU has it, compiled, hand-written attention: the fastest here (python -m minigpt.bench)
+    "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0, use_sdpa=False),
+                batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=100, max_steps=1000000, max_minutes=14.0,
+                eval_every=1500, sample_every=4500, eval_batches=40, log_every=50, sample_chars=120, compile=True),
     "gpu": dict(model=dict(n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.1),
                 batch_size=64, lr=6e-4, min_lr=6e-5, warmup_steps=200, max_steps=20000,
-                eval_every=500, sample_every=1000, eval_batches=40, log_every=50, sample_chars=200),
+                eval_every=500, sample_every=1000, eval_batches=40, log_every=50, sample_chars=200, compile=True),
 }
 
 

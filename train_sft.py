@@ -21,7 +21,7 @@ DEMO_TITLES = ["春夜喜雨", "靜夜思"]  # plus the first two held-out test 
 
 PRESETS = {
     "tiny": dict(batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=2, max_steps=20, eval_every=10, sample_every=10,
-                 eval_batches=2, log_every=5, eval_titles=6, max_new_tokens=40),
+                 eval_batches=2, log_every=5, eval_titles=6, max_new_tokens=40, dtype="float32"),
     "cpu": dict(batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=20, max_steps=5000, max_minutes=4.5, eval_every=200,
                 sample_every=200, eval_batches=8, log_every=10, eval_titles=200, max_new_tokens=256),
     "gpu": dict(batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=50, max_steps=2000, eval_every=250, sample_every=250,

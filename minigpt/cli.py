@@ -14,7 +14,7 @@ from minigpt.tokenizer import UnknownCharacterError
 from minigpt.train import TrainConfig, TrainingStopped, pick_device
 
 USER_ERRORS = (CorpusError, CheckpointError, UnknownCharacterError)
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "use_sdpa")
 
 
 class UsageError(ValueError):
@@ -30,12 +30,9 @@ def make_parser(description, presets, default_out, model_flags=MODEL_FLAGS):
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint, with its settings")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out-dir already holds a run")
     hp = p.add_argument_group("hyperparameters (default: the preset's value)")
-    for f in fields(GPTConfig):
-        if f.name in model_flags:
-            hp.add_argument("--" + f.name.replace("_", "-"), type=f.type if callable(f.type) else type(f.default))
     helps = {"max_minutes": "minutes of training; 0 = no limit", "dtype": "float32, bfloat16 (autocast) or auto",
-             "compile": "torch.compile the model for training"}
-    for f in fields(TrainConfig):
+             "compile": "torch.compile the model for training", "use_sdpa": "attention by F.scaled_dot_product_attention"}
+    for f in [f for f in fields(GPTConfig) if f.name in model_flags] + list(fields(TrainConfig)):
         if isinstance(f.default, bool):
             hp.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=helps.get(f.name))
         else:

@@ -67,8 +67,10 @@ class CausalSelfAttention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         S = k.size(2) - T  # how many earlier tokens the new ones may also look at
-        # causal mask: query i (at absolute position S + i) sees keys 0 .. S + i, never the future
-        allowed = torch.ones(T, S + T, dtype=torch.bool, device=x.device).tril(diagonal=S)  # (T, S + T)
+        allowed = None  # a single newest token may look at every key: no mask to build
+        if T > 1 or key_mask is not None:
+            # causal mask: query i (at absolute position S + i) sees keys 0 .. S + i, never the future
+            allowed = torch.ones(T, S + T, dtype=torch.bool, device=x.device).tril(diagonal=S)  # (T, S + T)
         if key_mask is not None:
             # padding is hidden from every query; each query still sees itself, so no row is empty
             itself = torch.arange(S, S + T, device=x.device)[:, None] == torch.arange(S + T, device=x.device)  # (T, S + T)
@@ -79,7 +81,8 @@ class CausalSelfAttention(nn.Module):
         else:
             # scores scaled by 1/sqrt(hs) so that their variance stays near 1 whatever the head size
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, S + T)
-            att = att.masked_fill(~allowed, float("-inf"))
+            if allowed is not None:
+                att = att.masked_fill(~allowed, float("-inf"))
             att = F.dropout(F.softmax(att, dim=-1), p_drop, self.training)
             y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
@@ -134,9 +137,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         if pos is None:
             start = caches[0]["k"].size(2) if caches and "k" in caches[0] else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
             pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        if int(pos.max()) >= self.config.block_size:
-            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens is longer than block_size {self.config.block_size}")
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, caches[i] if caches else None, key_mask)
@@ -156,7 +159,9 @@ class GPT(nn.Module):
         L, W = max(len(p) for p in prompts), self.config.block_size
         # left padding lines the prompts up at the right, so every row's next token is in the last column
         idx = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)  # (B, L)
-        real = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)
+        real = None  # padding mask (B, L), kept only while some row is padded
+        if any(len(p) < L for p in prompts):
+            real = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)
         out = [[] for _ in prompts]
         rows = torch.arange(len(prompts), device=device)  # which prompts are still being written
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
@@ -166,25 +171,31 @@ class GPT(nn.Module):
                 logits = self._step(idx[:, -1:], real, caches)  # only the newest token goes through
             else:  # first pass, no cache, or a full window
                 keep = W if not use_cache or caches is None else W // 2
-                idx, real = idx[:, -keep:], real[:, -keep:]
+                idx = idx[:, -keep:]
+                real = real[:, -keep:] if real is not None and not real[:, -keep:].all() else None
                 caches = [{} for _ in self.blocks] if use_cache else None
                 logits = self._step(idx, real, caches)
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
             for b, t in zip(rows.tolist(), next_id.tolist()):
                 out[b].append(t)
             idx = torch.cat([idx, next_id[:, None]], dim=1)  # (B, T + 1)
-            real = torch.cat([real, torch.ones_like(next_id[:, None], dtype=torch.bool)], dim=1)
-            going = ~torch.isin(next_id, stop)
-            if not going.all():  # finished rows leave the batch, and their cache rows with them
-                rows, idx, real = rows[going], idx[going], real[going]
-                for c in caches or []:
-                    c["k"], c["v"] = c["k"][going], c["v"][going]
-                if len(rows) == 0:
-                    break
+            if real is not None:
+                real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
+            if len(stop):
+                going = ~torch.isin(next_id, stop)
+                if not going.all():  # finished rows leave the batch, and their cache rows with them
+                    rows, idx = rows[going], idx[going]
+                    real = real[going] if real is not None else None
+                    for c in caches or []:
+                        c["k"], c["v"] = c["k"][going], c["v"][going]
+                    if len(rows) == 0:
+                        break
         return out
 
     def _step(self, idx, real, caches):
-        """Logits for idx (B, T), the newest T tokens of a window whose padding mask is real (B, W)."""
+        """Logits for idx (B, T), the newest T tokens of the window; real (B, W) marks its padding, or is None."""
+        if real is None:
+            return self(idx, caches=caches)[0]
         pos = (real.long().cumsum(dim=1) - 1).clamp(min=0)[:, -idx.size(1):]  # (B, T): padding takes no position
         return self(idx, caches=caches, key_mask=real, pos=pos)[0]
 

@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,7 +39,7 @@ class TrainConfig:
     sample_every: int = 500
     log_every: int = 10
     seed: int = 1337
-    dtype: str = "float32"  # float32, bfloat16 (autocast) or auto (bfloat16 where the hardware has it)
+    dtype: str = "auto"  # float32, bfloat16 (autocast) or auto (bfloat16 where the hardware has it)
     compile: bool = False  # torch.compile the model for the training steps
 
     def __post_init__(self):
@@ -246,8 +247,15 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
                 group["lr"] = lr
             x, y = get_batch(data_gen)
             x, y = x[rank::world].to(device), y[rank::world].to(device)  # this process's rows of the batch
-            with torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
-                _, loss = step_model(x, y)
+            try:
+                with torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
+                    _, loss = step_model(x, y)
+            except Exception as e:  # torch.compile needs a C++ compiler (or Triton on GPU): without one, go on uncompiled
+                if not cfg.compile or step_model is model:
+                    raise
+                warnings.warn(f"torch.compile failed ({type(e).__name__}); training without it, or pass --no-compile")
+                step_model = DDP(model) if world > 1 else model
+                continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:  # the logged loss is the mean over all processes

@@ -108,3 +108,11 @@ def test_two_processes_under_torchrun_match_one(tmp_path):
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 12
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-3, (one, two)
+
+
+def test_benchmark_runs_on_a_tiny_setting(capsys):
+    from minigpt import bench
+    rows = bench.main(["--tiny"])
+    out = capsys.readouterr().out
+    assert len(rows) == 4 and all(r[2] > 0 and 0 < r[4] for r in rows)
+    assert "matmul peak" in out and "KV cache" in out and "SFT metrics on 4 titles" in out
