@@ -6,7 +6,6 @@ measured matrix-multiply peak, generation with and without the KV cache, and the
 """
 import argparse
 import contextlib
-import math
 import time
 
 import torch
