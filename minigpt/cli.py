@@ -88,7 +88,10 @@ def run(main_fn, argv, script):
     """Run a script's main; a user mistake ends with one line on stderr and exit status 2,
     an interruption with one line saying how to resume."""
     try:
-        return main_fn(argv)
+        result = main_fn(argv)
+        if dist.is_initialized():
+            dist.barrier()  # under torchrun: let every process finish its work before the group is torn down
+        return result
     except (UsageError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
