@@ -6,7 +6,6 @@
 
 Every few steps it prints, for the same titles, what the model answers and whether it stopped at <END>.
 """
-import json
 import os
 
 from minigpt import cli
@@ -14,7 +13,7 @@ from minigpt.checkpoint import CheckpointError, load_checkpoint
 from minigpt.data import DEFAULT_CORPUS, PLAIN, SFTData, build_tokenizer, load_poems, split_poems
 from minigpt.evaluate import answer_val_batches, corpus_regular_rate, eval_titles, format_table, measure, write_answers
 from minigpt.model import GPT, GPTConfig
-from minigpt.plot import plot_behaviour
+from minigpt.plot import plot_behaviour, read_log
 from minigpt.train import TrainConfig, train
 
 DEMO_TITLES = ["春夜喜雨", "靜夜思"]  # plus the first two held-out test titles
@@ -86,8 +85,7 @@ def main(argv=None):
     if not cli.is_lead():
         return result
 
-    records = [json.loads(line) for line in open(os.path.join(args.out_dir, "log.jsonl"), encoding="utf-8")]
-    evals = [r for r in records if r["kind"] == "eval"]
+    evals = [r for r in read_log(os.path.join(args.out_dir, "log.jsonl")) if r["kind"] == "eval"]
     plain = measure(base.to(device), tokenizer, titles, PLAIN, answer_val_batches(
         tokenizer, splits["val"], T, PLAIN, cfg.eval_batches, cfg.batch_size), max_new_tokens=max_new)
     columns = [("base, plain prompt", plain), ("base, SFT prompt", {**evals[0], "val_answer_loss": evals[0]["val_loss"]}),
