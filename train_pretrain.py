@@ -28,7 +28,7 @@ PRESETS = {
                 batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=100, max_steps=1000000, max_minutes=14.0,
                 eval_every=1500, sample_every=4500, eval_batches=40, log_every=50, sample_chars=120, compile=True),
     "gpu": dict(model=dict(n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.1),
-                batch_size=64, lr=6e-4, min_lr=6e-5, warmup_steps=200, max_steps=20000,
+                batch_size=64, lr=6e-4, min_lr=6e-5, warmup_steps=200, max_steps=20000, max_minutes=15.0,
                 eval_every=500, sample_every=1000, eval_batches=40, log_every=50, sample_chars=200, compile=True),
 }
 

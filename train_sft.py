@@ -23,8 +23,8 @@ PRESETS = {
                  eval_batches=2, log_every=5, eval_titles=6, max_new_tokens=40, dtype="float32"),
     "cpu": dict(batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=20, max_steps=5000, max_minutes=4.5, eval_every=200,
                 sample_every=200, eval_batches=8, log_every=10, eval_titles=200, max_new_tokens=256),
-    "gpu": dict(batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=50, max_steps=2000, eval_every=250, sample_every=250,
-                eval_batches=16, log_every=25, eval_titles=500, max_new_tokens=256),
+    "gpu": dict(batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=50, max_steps=2000, max_minutes=5.0, eval_every=250,
+                sample_every=250, eval_batches=16, log_every=25, eval_titles=500, max_new_tokens=256),
 }
 
 

@@ -171,6 +171,8 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
         model.load_state_dict(resume_from["model"])
         opt.load_state_dict(resume_from["optimizer"])
         torch.set_rng_state(resume_from["rng"]["torch"].cpu())
+        if "cuda" in resume_from["rng"] and device.startswith("cuda"):  # dropout on a GPU draws from the GPU's generator
+            torch.cuda.set_rng_state(resume_from["rng"]["cuda"].cpu(), device)
         data_gen.set_state(resume_from["rng"]["data"].cpu())
         step, tokens, elapsed, reserve = resume_from["step"], resume_from["tokens"], resume_from["elapsed_s"], resume_from["reserve"]
         window = list(resume_from["window"])  # losses since the last log line, so that line comes out the same
@@ -208,7 +210,8 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
                 **checkpoint_extra, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "train_config": asdict(cfg), "step": step, "tokens": tokens, "elapsed_s": time.time() - t_start,
                 "reserve": reserve, "window": list(window), "val_loss": last_eval["val_loss"] if last_eval else None,
-                "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()},
+                "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+                        **({"cuda": torch.cuda.get_rng_state(device)} if device.startswith("cuda") else {})},
             })
         saved_step = step
 

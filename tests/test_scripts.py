@@ -116,3 +116,6 @@ def test_benchmark_runs_on_a_tiny_setting(capsys):
     out = capsys.readouterr().out
     assert len(rows) == 4 and all(r[2] > 0 and 0 < r[4] for r in rows)
     assert "matmul peak" in out and "KV cache" in out and "SFT metrics on 4 titles" in out
+    with pytest.raises(SystemExit) as stop:  # a device this machine lacks: a usage error, not a traceback
+        bench.main(["--tiny", "--device", "tpu"])
+    assert stop.value.code == 2 and "unknown device 'tpu'" in capsys.readouterr().err
