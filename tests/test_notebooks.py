@@ -14,6 +14,7 @@ def test_there_are_five_notebooks():
     assert len(NOTEBOOKS) == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_top_to_bottom(path, monkeypatch):
     monkeypatch.setenv("MINIGPT_NOTEBOOK_FAST", "1")

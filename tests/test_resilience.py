@@ -64,6 +64,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_losses(tmp_path, monkey
     assert losses(full) == losses(part)
 
 
+@pytest.mark.slow
 def test_sigint_to_a_real_process_saves_and_says_how_to_resume(tmp_path):
     out = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, "train_pretrain.py", "--preset", "tiny", "--corpus", FIXTURE_CORPUS,

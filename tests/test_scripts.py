@@ -41,8 +41,8 @@ def test_pretraining_log_has_losses_and_samples(pretrained):
 
 def test_time_budget_ends_training(tmp_path):
     result = train_pretrain.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--out-dir", str(tmp_path),
-                                  "--max-steps", "100000", "--max-minutes", "0.1", "--device", "cpu"])
-    assert 0 < result["step"] < 100000 and result["elapsed_s"] < 6.5
+                                  "--max-steps", "100000", "--max-minutes", "0.03", "--device", "cpu"])
+    assert 0 < result["step"] < 100000 and result["elapsed_s"] < 0.03 * 60 + 2.5
 
 
 def test_sft_runs_from_the_pretrained_checkpoint(pretrained, tmp_path):
@@ -91,6 +91,7 @@ def test_sft_refuses_a_checkpoint_with_another_tokenizer(pretrained, tmp_path, c
     assert e.value.code == 2 and "another tokenizer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_match_one(tmp_path):
     """DistributedDataParallel on 2 CPU processes (gloo), same global batch: the same losses as one process."""
     import subprocess
