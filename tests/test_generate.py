@@ -48,3 +48,14 @@ def test_top_k_and_top_p_keep_only_the_likely_ids():
     assert set(sample_next(logits, top_p=0.5, generator=g).tolist()) == {0}
     assert set(sample_next(logits, top_p=0.9, generator=g).tolist()) <= {0, 1}
     assert sample_next(logits, temperature=0).tolist() == [0] * 200
+
+
+def test_sampling_follows_the_softmax_probabilities():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log().repeat(40000, 1)  # log 0 = -inf: an id that must never come out
+    ids = sample_next(logits, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=5).float() / len(ids)
+    assert freq[4] == 0 and torch.allclose(freq, probs, atol=0.01), freq  # 4 standard errors at most
+    hot = sample_next(logits, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    sharpened = probs ** 2 / (probs ** 2).sum()  # temperature 0.5 squares the probabilities
+    assert torch.allclose(torch.bincount(hot, minlength=5).float() / len(hot), sharpened, atol=0.01)

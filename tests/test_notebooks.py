@@ -16,8 +16,9 @@ def test_there_are_five_notebooks():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs_top_to_bottom(path, monkeypatch):
+def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path):
     monkeypatch.setenv("MINIGPT_NOTEBOOK_FAST", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' throwaway run folders land where pytest cleans up
     monkeypatch.setenv("MPLBACKEND", "Agg")
     book = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(book, timeout=180, kernel_name="python3",

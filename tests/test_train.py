@@ -1,0 +1,71 @@
+"""The training loop's parts: LR schedule, optimizer groups, the precision and compile defaults and their switches."""
+import json
+import math
+
+import pytest
+import torch
+
+import train_pretrain
+from conftest import FIXTURE_CORPUS
+from minigpt import cli, train
+from minigpt.model import GPT, GPTConfig
+from minigpt.train import TrainConfig, autocast_dtype, lr_at, make_optimizer
+
+
+def test_lr_warms_up_then_follows_a_cosine_down_to_min_lr():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert lr_at(0, 0.0, cfg) == pytest.approx(1e-4) and lr_at(9, 0.0, cfg) == pytest.approx(1e-3)
+    after = [lr_at(10, p / 10, cfg) for p in range(11)]
+    assert after[0] == pytest.approx(1e-3) and after[5] == pytest.approx(5.5e-4) and after[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert lr_at(10, 1.7, cfg) == pytest.approx(1e-4)  # past the end it stays at min_lr
+
+
+def test_weight_decay_falls_on_matrices_only():
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # the tied table once
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch, has_bf16):
+    monkeypatch.setattr(train, "cpu_has_bfloat16", lambda: has_bf16)
+    assert autocast_dtype("auto", "cpu") == (torch.bfloat16 if has_bf16 else None)
+    assert autocast_dtype("float32", "cpu") is None and autocast_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_the_faster_defaults_have_switches():
+    parser = cli.make_parser("", train_pretrain.PRESETS, "runs/x")
+    _, cfg, _, _ = cli.resolve(parser.parse_args(["--device", "cpu"]), train_pretrain.PRESETS)
+    assert cfg.dtype == "auto" and cfg.compile
+    model_kw, cfg, _, _ = cli.resolve(parser.parse_args(["--device", "cpu", "--dtype", "float32", "--no-compile",
+                                                         "--use-sdpa"]), train_pretrain.PRESETS)
+    assert cfg.dtype == "float32" and not cfg.compile and model_kw["use_sdpa"]
+
+
+def _val_losses(out):
+    with open(out / "log.jsonl", encoding="utf-8") as f:
+        return [r["val_loss"] for r in map(json.loads, f) if r["kind"] == "eval"]
+
+
+def test_bfloat16_autocast_trains_like_float32(tmp_path):
+    args = ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--device", "cpu", "--max-steps", "40", "--eval-every", "20"]
+    train_pretrain.main(args + ["--out-dir", str(tmp_path / "f32")])
+    train_pretrain.main(args + ["--out-dir", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    f32, bf16 = _val_losses(tmp_path / "f32"), _val_losses(tmp_path / "bf16")
+    assert f32[0] == bf16[0] and f32[-1] < f32[0] - 0.5  # the same start (eval is float32), and it learns
+    assert abs(f32[-1] - bf16[-1]) < 0.05, (f32, bf16)
+
+
+def test_a_failing_compile_falls_back_to_plain_training(tmp_path, monkeypatch):
+    def broken_compile(model, **kw):
+        def run(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        result = train_pretrain.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--device", "cpu", "--compile",
+                                      "--out-dir", str(tmp_path)])
+    assert result["step"] == 20 and math.isfinite(result["val_loss"])
