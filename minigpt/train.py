@@ -76,11 +76,14 @@ def autocast_dtype(name, device):
 
 
 def pick_device(name="auto"):
-    """'auto' takes cuda, then mps, then cpu; any other name must be available here."""
+    """'auto' takes cuda, then mps, then cpu; any other name must be available here.
+    Under torchrun, 'auto' and 'cuda' give each process the GPU of its local rank."""
     if name == "auto":
-        if torch.cuda.is_available():  # under torchrun, each process takes the GPU of its local rank
-            return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "mps" if torch.backends.mps.is_available() else "cpu"
+        name = "cuda"
+    if name == "cuda" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
     ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     base = name.split(":")[0]
     if base not in ok:
@@ -132,13 +135,15 @@ def _read_log_until(path, step):
         return [line for line in f if line.strip() and json.loads(line)["step"] <= step]
 
 
-def distributed():
-    """(rank, world size): under torchrun this process joins the group (gloo on CPU, nccl on GPU); else (0, 1)."""
+def distributed(device):
+    """(rank, world size): under torchrun this process joins the group (nccl on a GPU, gloo on a CPU); else (0, 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)  # nccl talks through this process's own GPU
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), world
 
 
@@ -152,7 +157,7 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
     on_event(record) sees every log record; resume_from: a checkpoint dict of this run to continue.
     SIGINT / SIGTERM save a checkpoint and raise TrainingStopped; so does a loss that is not finite.
     Under torchrun each process trains on its share of every batch; process 0 evaluates, logs and saves."""
-    rank, world = distributed()
+    rank, world = distributed(device)
     lead = rank == 0
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes")

@@ -69,3 +69,12 @@ def test_a_failing_compile_falls_back_to_plain_training(tmp_path, monkeypatch):
         result = train_pretrain.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--device", "cpu", "--compile",
                                       "--out-dir", str(tmp_path)])
     assert result["step"] == 20 and math.isfinite(result["val_loss"])
+
+
+def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert train.pick_device("auto") == train.pick_device("cuda") == "cuda:3"
+    assert train.pick_device("cpu") == "cpu"  # a CPU run on a GPU machine stays on the CPU (and uses gloo)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert train.pick_device("auto") == "cuda"
