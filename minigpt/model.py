@@ -214,8 +214,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cum - sorted_logits.softmax(dim=-1) > top_p  # the first id always stays
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    # inverse CDF: a uniform number u in [0, total) per row falls into one id's slice of the running sum of the
-    # probabilities; cut ids have empty slices. (torch.multinomial draws a number for every id: far slower.)
-    cum = F.softmax(logits, dim=-1).double().cumsum(dim=-1)  # (B, V); float64 keeps rounding from moving u past the end
-    u = torch.rand(cum.size(0), 1, generator=generator, device=cum.device, dtype=cum.dtype) * cum[:, -1:]  # (B, 1)
-    return torch.searchsorted(cum, u, right=True).squeeze(1).clamp(max=cum.size(1) - 1)  # (B,)
+    # inverse CDF: one uniform number u in (0, total] per row; the first id whose running sum of probabilities
+    # reaches u is drawn. A cut id adds nothing to the sum, so it is never the first to reach u.
+    # (torch.multinomial draws a random number for every id of the vocabulary: far slower.)
+    cum = F.softmax(logits, dim=-1).cumsum(dim=-1)  # (B, V)
+    u = (1 - torch.rand(cum.size(0), 1, generator=generator, device=cum.device)) * cum[:, -1:]  # (B, 1)
+    return torch.searchsorted(cum, u).squeeze(1)  # (B,)
