@@ -168,8 +168,8 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
     model.to(device).train()
     opt = make_optimizer(model, cfg)
     amp = autocast_dtype(cfg.dtype, device)  # eval and sampling stay in float32
-    step_model = DDP(model) if world > 1 else model  # averages the gradients of all processes in backward()
-    step_model = torch.compile(step_model) if cfg.compile else step_model
+    plain_model = DDP(model) if world > 1 else model  # DDP averages the gradients of all processes in backward()
+    step_model = torch.compile(plain_model) if cfg.compile else plain_model
     step, tokens, elapsed, reserve, window, t_window = 0, 0, 0.0, 0.0, [], 0.0
     kept_log = []
     if resume_from is not None:
@@ -187,7 +187,7 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
         log.writelines(kept_log)
     budget = cfg.max_minutes * 60
     t_start = time.time() - elapsed  # the time budget counts the time before an interruption too
-    last_eval = next((json.loads(r) for r in reversed(kept_log) if json.loads(r)["kind"] == "eval"), None)
+    last_eval = next((r for r in map(json.loads, reversed(kept_log)) if r["kind"] == "eval"), None)
     saved_step = resume_from["step"] if resume_from is not None else None
 
     def emit(record):
@@ -259,19 +259,20 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
                 with torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
                     _, loss = step_model(x, y)
             except Exception as e:  # torch.compile needs a C++ compiler (or Triton on GPU): without one, go on uncompiled
-                if not cfg.compile or step_model is model:
+                if step_model is plain_model:
                     raise
                 warnings.warn(f"torch.compile failed ({type(e).__name__}); training without it, or pass --no-compile")
-                step_model = DDP(model) if world > 1 else model
+                step_model = plain_model
                 continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:  # the logged loss is the mean over all processes
                 loss = loss.detach().clone()
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            if not math.isfinite(loss.item()):
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
                 raise TrainingStopped(
-                    f"loss is {loss.item()} at step {step + 1}: training diverged and stopped. The last good checkpoint "
+                    f"loss is {loss_value} at step {step + 1}: training diverged and stopped. The last good checkpoint "
                     f"(step {saved_step}) stays in {ckpt_path}; try a lower --lr or a longer --warmup-steps",
                     out_dir, exit_code=1, resumable=False)
             if cfg.grad_clip:
@@ -279,7 +280,7 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
             opt.step()
             step += 1
             tokens += x.numel() * world
-            window.append(loss.item())
+            window.append(loss_value)
             t_window += time.time() - t0
             bar.update(1)
             if budget and progress() > step / cfg.max_steps:  # the clock ends this run: show its estimated length
