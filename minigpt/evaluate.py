@@ -115,9 +115,10 @@ def compare(base, sft, tokenizer, splits, n_titles=200):
     """The three-column comparison: base prompted as in pretraining, base given the SFT prompt, the fine-tuned model."""
     titles = eval_titles(splits["test"], n_titles)
     T = base.config.block_size
+    sft_val = answer_val_batches(tokenizer, splits["val"], T)  # the same answers, scored under both models
     return [("base, plain prompt", measure(base, tokenizer, titles, PLAIN, answer_val_batches(tokenizer, splits["val"], T, PLAIN))),
-            ("base, SFT prompt", measure(base, tokenizer, titles, val_batches=answer_val_batches(tokenizer, splits["val"], T))),
-            ("fine-tuned", measure(sft, tokenizer, titles, val_batches=answer_val_batches(tokenizer, splits["val"], T)))]
+            ("base, SFT prompt", measure(base, tokenizer, titles, val_batches=sft_val)),
+            ("fine-tuned", measure(sft, tokenizer, titles, val_batches=sft_val))]
 
 
 def main(argv=None):
