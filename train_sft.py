@@ -10,13 +10,14 @@ import os
 
 from minigpt import cli
 from minigpt.checkpoint import CheckpointError, load_checkpoint
-from minigpt.data import DEFAULT_CORPUS, PLAIN, SFTData, build_tokenizer, load_poems, split_poems
-from minigpt.evaluate import answer_val_batches, corpus_regular_rate, eval_titles, format_table, measure, write_answers
+from minigpt.data import DEFAULT_CORPUS, SFTData, build_tokenizer, load_poems, split_poems
+from minigpt.evaluate import (Yardstick, answer_val_batches, compare, eval_set, format_table, measure, mentions_title,
+                              table_note, val_sample, write_answers)
 from minigpt.model import GPT, GPTConfig
-from minigpt.plot import plot_behaviour, read_log
+from minigpt.plot import plot_behaviour
 from minigpt.train import TrainConfig, train
 
-DEMO_TITLES = ["春夜喜雨", "靜夜思"]  # plus the first two held-out test titles
+DEMO_TITLES = ["春夜喜雨", "靜夜思"]  # plus the first two val titles
 
 PRESETS = {
     "tiny": dict(batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=2, max_steps=20, eval_every=10, sample_every=10,
@@ -32,8 +33,9 @@ def main(argv=None):
     parser = cli.make_parser(__doc__, PRESETS, os.path.join("runs", "sft"), model_flags=("dropout",))
     parser.add_argument("--init-from", default=os.path.join("runs", "pretrain"), help="pretrained run folder or checkpoint file")
     parser.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus the pretrained model was trained on")
-    parser.add_argument("--data", choices=["regular", "all"], default="regular",
-                        help="regular: only 絕句/律詩-shaped poems become answers; all: every poem that fits")
+    parser.add_argument("--data", choices=["regular", "all", "relevant"], default="regular",
+                        help="regular: only 絕句/律詩-shaped poems become answers; all: every poem that fits; "
+                             "relevant: regular poems that name a content character of their title")
     parser.add_argument("--train-on-prompt", action="store_true", help="count the prompt in the loss too (default: answer only)")
     parser.add_argument("--eval-titles", type=int, help="held-out titles for the behaviour metrics")
     parser.add_argument("--max-new-tokens", type=int, help="longest answer when measuring")
@@ -59,15 +61,19 @@ def main(argv=None):
                               "pretrain on this corpus first, or pass the corpus it was trained on with --corpus")
     model_cfg = model.config
     T = model_cfg.block_size
-    data = SFTData(splits["train"], tokenizer, T, regular_only=args.data == "regular")
+    data = SFTData(splits["train"], tokenizer, T, regular_only=args.data in ("regular", "relevant"))
+    if args.data == "relevant":
+        data.keep_only(mentions_title, "not_about_title")
     if not data.examples:
         raise cli.UsageError(f"no SFT example fits the model's context of {T} tokens; pretrain with a larger --block-size")
-    val = answer_val_batches(tokenizer, splits["val"], T, n_batches=cfg.eval_batches, batch_size=cfg.batch_size)
-    titles = eval_titles(splits["test"], n_titles)
-    demo = DEMO_TITLES + titles[:2]
+    yard = Yardstick(splits["train"])
+    val_poems = val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size)
+    val = answer_val_batches(tokenizer, val_poems, batch_size=cfg.batch_size)  # the loss on the poem's tokens
+    val_set = eval_set(splits["val"], splits["train"], n_titles)
+    demo = DEMO_TITLES + val_set.titles[:2]
     print(f"SFT data ({args.data}): " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
-    print(f"from {args.init_from} (step {ckpt['step']}): {model.num_params():,} parameters; "
-          f"{len(titles)} test titles measured at every eval; writing to {args.out_dir}")
+    print(f"from {args.init_from} (step {ckpt['step']}): {model.num_params():,} parameters; {len(val_set.titles)} val "
+          f"titles measured at every eval ({val_set.left_out} left out: training poems have them); writing to {args.out_dir}")
 
     def sample(m, step):
         answers = write_answers(m, tokenizer, demo, max_new_tokens=max_new)
@@ -80,23 +86,21 @@ def main(argv=None):
                   "eval_titles": n_titles, "max_new_tokens": max_new}
     result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, tokenizer.pad_id, g, args.train_on_prompt), val,
                    args.out_dir, extra_ckpt, sample=sample,
-                   metrics=lambda m, step: measure(m, tokenizer, titles, max_new_tokens=max_new),
+                   metrics=lambda m, step: measure(m, tokenizer, val_set.titles, yard, sample=val_poems, max_new_tokens=max_new),
                    on_event=cli.print_event, device=device, resume_from=ckpt if resumed else None)
     if not cli.is_lead():
         return result
 
-    evals = [r for r in read_log(os.path.join(args.out_dir, "log.jsonl")) if r["kind"] == "eval"]
-    plain = measure(base.to(device), tokenizer, titles, PLAIN, answer_val_batches(
-        tokenizer, splits["val"], T, PLAIN, cfg.eval_batches, cfg.batch_size), max_new_tokens=max_new)
-    columns = [("base, plain prompt", plain), ("base, SFT prompt", {**evals[0], "val_answer_loss": evals[0]["val_loss"]}),
-               ("fine-tuned", {**evals[-1], "val_answer_loss": evals[-1]["val_loss"]})]
-    table = format_table(columns, corpus_regular_rate(splits))
+    # the final table, and the only place test titles are used
+    columns, test_set, _ = compare(base.to(device), model, tokenizer, splits, n_titles, max_new, yardstick=yard)
+    table = format_table(columns, table_note(test_set, yard, splits))
     print("\n" + table)
     with open(os.path.join(args.out_dir, "table.txt"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     plot_behaviour(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "behaviour.png"))
-    print(f"done: step {result['step']}, answer val loss {result['val_loss']:.3f}, {result['elapsed_s']:.0f} s; "
-          f"stop rate {result['stop_rate']:.0%}, regular form {result['regular_rate']:.0%}, run-on {result['run_on_rate']:.0%}; "
+    final = dict(columns)["fine-tuned"]
+    print(f"done: step {result['step']}, answer val loss {result['val_loss']:.3f}, {result['elapsed_s']:.0f} s; on test "
+          f"titles: stop {final['stop_rate']:.0%}, run-on {final['run_on_rate']:.0%}, regular {final['regular_rate']:.0%}; "
           f"see {args.out_dir}/table.txt, loss.png, behaviour.png")
     return {**result, "columns": columns}
 

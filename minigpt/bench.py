@@ -84,7 +84,7 @@ def sft_metrics_time(n_titles, max_new_tokens, device="cpu"):
     (else an untrained model: the worst case, since it never stops)."""
     from minigpt.checkpoint import CheckpointError, load_checkpoint
     from minigpt.data import load_poems, split_poems
-    from minigpt.evaluate import eval_titles, measure
+    from minigpt.evaluate import Yardstick, eval_set, measure
     splits = split_poems(load_poems())
     try:
         model, tok, _ = load_checkpoint("runs/sft", device)
@@ -94,16 +94,16 @@ def sft_metrics_time(n_titles, max_new_tokens, device="cpu"):
         tok = build_tokenizer(splits["train"])
         model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_embd=128)).to(device)
         which = "an untrained model (never stops)"
-    titles = eval_titles(splits["test"], n_titles)
+    titles, yard = eval_set(splits["val"], splits["train"], n_titles).titles, Yardstick(splits["train"])
     sync(device)
     t = time.perf_counter()
-    measure(model, tok, titles, max_new_tokens=max_new_tokens)
+    measure(model, tok, titles, yard, max_new_tokens=max_new_tokens)
     sync(device)
     return time.perf_counter() - t, which
 
 
 # (name, model, batch): the cpu preset, then a larger model; on a GPU the larger one is the gpu preset
-VOCAB = 9413  # the Tang corpus's vocabulary
+VOCAB = 9017  # the Tang corpus's vocabulary
 CPU_PRESET = ("cpu preset (4x128, T=128, batch 8)", GPTConfig(VOCAB, block_size=128, n_layer=4, n_head=4, n_embd=128), 8)
 LARGER = ("larger (6x256, T=128, batch 16)", GPTConfig(VOCAB, block_size=128, n_layer=6, n_head=8, n_embd=256), 16)
 GPU_PRESET = ("gpu preset (8x512, T=256, batch 64)", GPTConfig(VOCAB, block_size=256, n_layer=8, n_head=8, n_embd=512), 64)

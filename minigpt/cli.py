@@ -73,9 +73,11 @@ def print_event(record):
     if record["kind"] == "eval":
         line = f"step {record['step']}: val loss {record['val_loss']:.3f}"
         if "stop_rate" in record:
-            line += (f" | stop {record['stop_rate']:.0%}, regular form {record['regular_rate']:.0%}, "
-                     f"run-on {record['run_on_rate']:.0%}, mean length {record['mean_length']:.0f}, "
-                     f"title echo {record['title_echo_rate']:.0%}")
+            rhyme = "—" if record["rhyme_rate"] is None else f"{record['rhyme_rate']:.0%}"
+            line += (f" (end marker {record['val_end_loss']:.2f}) | val titles: stop {record['stop_rate']:.0%}, "
+                     f"run-on {record['run_on_rate']:.0%}, regular {record['regular_rate']:.0%}, "
+                     f"title lift {100 * record['relevance_lift']:+.0f}, copied {record['copy_rate']:.0%}, "
+                     f"repeats {record['repeat_rate']:.0%}, rhymes {rhyme}, length {record['mean_length']:.0f}")
         tqdm.write(line)
     elif record["kind"] == "sample":
         tqdm.write(f"---- samples at step {record['step']} ----")

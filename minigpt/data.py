@@ -1,7 +1,8 @@
 """Poems in, tensors out: corpus loading, the train/val/test split, pretraining windows, SFT examples.
 
-The split is decided per poem by a hash of its lines, so it is the same on every run and machine,
-and a poem that appears twice under two titles lands in one split only.
+Poems that share a couplet form one group (a poem recorded twice with a character changed, or under two titles),
+and a whole group goes to one split, by a hash: the same on every run and machine, and no couplet of val or test
+stands in train.
 """
 import gzip
 import hashlib
@@ -57,17 +58,71 @@ def load_poems(path=DEFAULT_CORPUS):
     return poems
 
 
-def split_of(poem):
-    """'train', 'val' or 'test', from a hash of the poem's lines (stable across runs, machines, Python versions)."""
-    bucket = int(hashlib.md5(poem.body.encode("utf-8")).hexdigest(), 16) % 100
+PUNCTUATION = re.compile(r"[，。？！；：、《》〈〉「」\s]")
+
+
+def couplet_keys(poem):
+    """The poem's lines (couplets, in regular verse) without punctuation: what near-copies of one poem share."""
+    return [k for k in (PUNCTUATION.sub("", line) for line in poem.lines) if k]
+
+
+def split_of(key):
+    """'train', 'val' or 'test', from an MD5 hash of a text (stable across runs, machines, Python versions)."""
+    bucket = int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 100
     return next(name for name, upper in SPLITS.items() if bucket < upper)
 
 
+def poem_groups(poems):
+    """A group number per poem: poems that share a couplet are in one group, and so, in turn, are poems that
+    share a couplet with any of them (union-find). One poem recorded twice with a character changed is one group."""
+    parent = list(range(len(poems)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]  # path halving keeps the trees flat
+            i = parent[i]
+        return i
+
+    first_with = {}  # couplet -> the first poem that has it
+    for i, p in enumerate(poems):
+        for key in couplet_keys(p):
+            j = first_with.setdefault(key, i)
+            parent[root(i)] = root(j)
+    return [root(i) for i in range(len(poems))]
+
+
 def split_poems(poems):
+    """{'train', 'val', 'test': poems}. A whole group goes to one split, decided by the hash of the group's first
+    body in sorted order, so the split does not depend on the order of the file."""
+    groups = poem_groups(poems)
+    first_body = {}
+    for g, p in zip(groups, poems):
+        first_body[g] = min(first_body.get(g, p.body), p.body)
     out = {name: [] for name in SPLITS}
-    for p in poems:
-        out[split_of(p)].append(p)
+    for g, p in zip(groups, poems):
+        out[split_of(first_body[g])].append(p)
     return out
+
+
+def leak(splits, held_out="test"):
+    """What of a held-out split stands verbatim in train: the share of its couplets, the share of its clauses
+    (the halves of a couplet, split at punctuation), and how many of its poems have half or more couplets in train."""
+    train_couplets = {k for p in splits["train"] for k in couplet_keys(p)}
+    train_clauses = {c for p in splits["train"] for c in clauses(p.body)}
+    couplets = [k for p in splits[held_out] for k in couplet_keys(p)]
+    held_clauses = [c for p in splits[held_out] for c in clauses(p.body)]
+    half = sum(2 * sum(k in train_couplets for k in couplet_keys(p)) >= len(couplet_keys(p)) for p in splits[held_out])
+    return {"couplets": sum(k in train_couplets for k in couplets) / max(len(couplets), 1),
+            "clauses": sum(c in train_clauses for c in held_clauses) / max(len(held_clauses), 1),
+            "poems_half_in_train": half}
+
+
+CLAUSE_END = re.compile(r"[，。？！；：、\n]")
+
+
+def clauses(text):
+    """The clauses of a poem: the runs of characters between punctuation marks and line breaks."""
+    return [c for c in CLAUSE_END.split(re.sub(r"[《》〈〉「」 ]", "", text)) if c]
 
 
 # ---- prompt formats: what goes around a title and a poem ----
@@ -131,7 +186,8 @@ class PretrainData:
 
 NUMBERING = re.compile(r"\s+第?[一二三四五六七八九十百〇零]+$")  # " 一", " 十二", " 第三": the nth poem of a set
 MEANINGLESS_TITLES = {"", "句", "失題"}  # say nothing about the poem, so they cannot teach title -> poem
-REGULAR_LINE = re.compile(r"^(?:[^，。\n]{5}，[^，。\n]{5}。|[^，。\n]{7}，[^，。\n]{7}。)$")
+# one couplet: two clauses of 5 (or of 7) characters; the first ends in ， (or ？ ！), the second in 。 (or ？ ！)
+REGULAR_LINE = re.compile(r"^(?:[^，。？！\n]{5}[，？！][^，。？！\n]{5}[。？！]|[^，。？！\n]{7}[，？！][^，。？！\n]{7}[。？！])$")
 
 
 def clean_title(title):
@@ -143,7 +199,8 @@ def clean_title(title):
 
 
 def is_regular(text):
-    """絕句 or 律詩 in shape: 2 or 4 lines, each two clauses of 5 (or each of 7) characters ending in ， and 。."""
+    """絕句 or 律詩 in shape: 2 or 4 lines, each two clauses of 5 (or each of 7) characters ending in ， and 。
+    (a question or an exclamation may end a clause instead)."""
     lines = text.split("\n")
     return len(lines) in (2, 4) and all(REGULAR_LINE.match(line) for line in lines) and len({len(line) for line in lines}) == 1
 
@@ -192,6 +249,13 @@ class SFTData:
             self.examples.append((ids, mask))
             self.titles.append(title)
             self.answers.append(p.body)
+        self.counts["kept"] = len(self.examples)
+
+    def keep_only(self, predicate, reason):
+        """Keep the examples whose (title, answer) pass predicate; counts[reason] says how many went."""
+        kept = [i for i, (t, a) in enumerate(zip(self.titles, self.answers)) if predicate(t, a)]
+        self.counts[reason] = len(self.examples) - len(kept)
+        self.examples, self.titles, self.answers = ([xs[i] for i in kept] for xs in (self.examples, self.titles, self.answers))
         self.counts["kept"] = len(self.examples)
 
     def get_batch(self, batch_size, pad_id, generator=None, train_on_prompt=False):

@@ -204,15 +204,18 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     """One id per row from logits (B, V): greedy at temperature 0, else sampled after top-k / top-p cuts."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits = logits.float() / temperature  # softmax and running sums in float32, whatever the model's dtype
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # exactly k ids stay, even where several share the k-th value
+        top = torch.topk(logits, min(top_k, logits.size(-1))).indices  # (B, k)
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top, True)  # (B, V)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p is not None:
-        # nucleus: keep the most likely ids until their probabilities add up to top_p
+        # nucleus: keep the most likely ids until their probabilities add up to top_p, and no more
         sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # the first id always stays
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the ids before it already reach top_p
+        drop[:, 0] = False  # the most likely id always stays
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     # inverse CDF: one uniform number u in (0, total] per row; the first id whose running sum of probabilities
     # reaches u is drawn. A cut id adds nothing to the sum, so it is never the first to reach u.

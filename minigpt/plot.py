@@ -38,8 +38,8 @@ def _finish(fig, ax, ylabel, title, png_path):
     return png_path
 
 
-BEHAVIOUR = [("stop_rate", "stops at <END>"), ("regular_rate", "regular form"), ("run_on_rate", "runs on"),
-             ("title_echo_rate", "echoes title")]
+BEHAVIOUR = [("stop_rate", "stops at <END>"), ("regular_rate", "regular shape"), ("run_on_rate", "runs on"),
+             ("relevance", "mentions its title"), ("rhyme_rate", "rhymes (of regular)")]
 
 
 def plot_behaviour(log_path, png_path, title="instruction following over SFT steps"):
@@ -48,16 +48,16 @@ def plot_behaviour(log_path, png_path, title="instruction following over SFT ste
     steps = [r["step"] for r in evals]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in BEHAVIOUR:
-        ax.plot(steps, [100 * r[key] for r in evals], "o-", label=label)
+        ax.plot(steps, [float("nan") if r.get(key) is None else 100 * r[key] for r in evals], "o-", label=label)
     ax.set_xlabel("SFT step")
-    ax.set_ylabel("% of held-out titles")
+    ax.set_ylabel("% of val titles")
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
     ax2.plot(steps, [r["val_loss"] for r in evals], "o-", color="C4")
     ax2.set_xlabel("SFT step")
-    ax2.set_ylabel("val loss on answers")
+    ax2.set_ylabel("val loss per poem token")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)

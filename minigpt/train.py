@@ -103,20 +103,28 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def lr_at(step, progress, cfg):
-    """Linear warmup over warmup_steps, then cosine from lr down to min_lr as progress goes 0 -> 1."""
+def lr_at(step, progress, cfg, warm_progress=0.0):
+    """Linear warmup over warmup_steps, then cosine from lr down to min_lr as progress goes from
+    warm_progress (where the warmup ended) to 1."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    frac = (progress - warm_progress) / max(1.0 - warm_progress, 1e-9)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
 
 
 @torch.no_grad()
 def evaluate_loss(model, batches, device):
+    """The mean loss per counted target over all batches (a batch with more counted targets weighs more)."""
+    from minigpt.model import IGNORE_INDEX
     was_training = model.training
     model.eval()
-    losses = [model(x.to(device), y.to(device))[1].item() for x, y in batches]
+    total, count = 0.0, 0
+    for x, y in batches:
+        n = int((y != IGNORE_INDEX).sum())
+        total += model(x.to(device), y.to(device))[1].item() * n
+        count += n
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return total / count
 
 
 class TrainingStopped(Exception):
@@ -171,7 +179,7 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
     plain_model = DDP(model) if world > 1 else model  # DDP averages the gradients of all processes in backward()
     step_model = torch.compile(plain_model) if cfg.compile else plain_model
     step, tokens, elapsed, reserve, window, t_window = 0, 0, 0.0, 0.0, [], 0.0
-    kept_log = []
+    kept_log, warm_progress = [], None
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         opt.load_state_dict(resume_from["optimizer"])
@@ -180,6 +188,7 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
             torch.cuda.set_rng_state(resume_from["rng"]["cuda"].cpu(), device)
         data_gen.set_state(resume_from["rng"]["data"].cpu())
         step, tokens, elapsed, reserve = resume_from["step"], resume_from["tokens"], resume_from["elapsed_s"], resume_from["reserve"]
+        warm_progress = resume_from.get("warm_progress")
         window = list(resume_from["window"])  # losses since the last log line, so that line comes out the same
         kept_log = _read_log_until(log_path, step)
     if lead:
@@ -214,7 +223,7 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
             save_checkpoint(ckpt_path, {
                 **checkpoint_extra, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "train_config": asdict(cfg), "step": step, "tokens": tokens, "elapsed_s": time.time() - t_start,
-                "reserve": reserve, "window": list(window), "val_loss": last_eval["val_loss"] if last_eval else None,
+                "reserve": reserve, "window": list(window), "warm_progress": warm_progress, "val_loss": last_eval["val_loss"] if last_eval else None,
                 "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                         **({"cuda": torch.cuda.get_rng_state(device)} if device.startswith("cuda") else {})},
             })
@@ -250,7 +259,9 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
                    dynamic_ncols=True, disable=not lead)
         while not agree(progress() >= 1 or bool(signals)):
             t0 = time.time()
-            lr = lr_at(step, progress(), cfg)
+            if step == cfg.warmup_steps and warm_progress is None:
+                warm_progress = progress()  # the cosine starts at its top from here
+            lr = lr_at(step, progress(), cfg, warm_progress or 0.0)
             for group in opt.param_groups:
                 group["lr"] = lr
             x, y = get_batch(data_gen)

@@ -17,9 +17,6 @@ import os
 import re
 import sys
 
-MISSING_GLYPH = "□"
-
-
 def find_files(package_dir):
     for sub in ("quantangshi", os.path.join("dist", "quantangshi")):
         files = glob.glob(os.path.join(package_dir, sub, "poet.tang.*.json"))
@@ -28,20 +25,60 @@ def find_files(package_dir):
     return []
 
 
+# Editorial matter, removed from titles and lines (rules and counts in poems/README.md):
+NOTE = re.compile(r"（[^（）]*）|\([^()]*\)|〖[^〖〗]*〗")  # commentary, variant readings （一作「…」）, sources （見《…》卷…）
+FOOTNOTE = re.compile(r"[\[［][一二三四五六七八九十○〇0-9]+[\]］]")  # footnote marks [一], [10]
+RESTORED = re.compile(r"[\[［]([^\[\]［］]*)[\]］]")  # [爽]: a character the editors restored; kept, brackets dropped
+UNCLOSED = re.compile(r"[（(〖][^）)〗]*$")  # a note whose closing bracket is lost: cut to the end of the line or title
+NOTE_LINE = re.compile(r"^(?:見《|按：|以上)")  # a whole line that is a source note
+CJK = "\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U0003ffff"
+NO_WORDS = re.compile(rf"^[^{CJK}]*$")  # punctuation left behind by a note: （…）。
+# characters the source could not print: □ and ● (lost), {亠/樂} (described by parts), ⿰ (ideographic description),
+# private-use code points and full-width Latin letters (scanning errors)
+MISSING_GLYPH = re.compile(r"[□●{}⿰-⿻\ue000-\uf8ffＡ-Ｚａ-ｚ]")
+VERSE = re.compile(rf"^(?:[{CJK}《》〈〉]+[，。？！；：、])+$")  # clauses of characters, each closed by punctuation
+
+
+def strip_notes(text):
+    """Text without editorial matter; notes may nest, and in a poem's body they may span lines."""
+    previous = None
+    while previous != text:
+        previous, text = text, NOTE.sub("", text)
+    return RESTORED.sub(r"\1", FOOTNOTE.sub("", text))
+
+
+def clean_lines(lines):
+    """The poem's lines with notes, note lines and doubled end punctuation (！。) removed; empty lines dropped."""
+    out = []
+    for line in strip_notes("\n".join(lines)).split("\n"):
+        line = re.sub(r"([！？])。", r"\1", UNCLOSED.sub("", line).strip())
+        if line and not NO_WORDS.match(line) and not NOTE_LINE.match(line):
+            out.append(line)
+    return out
+
+
 def clean(raw_poems):
     """Return (poems, counts): the kept poems as dicts and how many each rule dropped."""
-    counts = {"read": 0, "missing_glyph": 0, "empty": 0, "duplicate": 0, "kept": 0}
+    counts = {"read": 0, "notes_in_title": 0, "notes_in_lines": 0, "no_verse_left": 0, "missing_glyph": 0,
+              "not_verse": 0, "duplicate": 0, "kept": 0}
     seen, kept = set(), []
     for p in raw_poems:
         counts["read"] += 1
-        title = (p.get("title") or "").strip()
-        author = (p.get("author") or "").strip()
-        lines = [line.strip() for line in p.get("paragraphs") or [] if line.strip()]
-        if MISSING_GLYPH in title + author + "".join(lines):
+        raw_title = (p.get("title") or "").strip()
+        raw_lines = [line.strip() for line in p.get("paragraphs") or [] if line.strip()]
+        title = " ".join(UNCLOSED.sub("", strip_notes(raw_title)).split())
+        author = strip_notes((p.get("author") or "").strip()).strip()
+        lines = clean_lines(raw_lines)
+        counts["notes_in_title"] += title != raw_title
+        counts["notes_in_lines"] += lines != raw_lines
+        if not lines:
+            counts["no_verse_left"] += 1
+            continue
+        if MISSING_GLYPH.search(title + author + "".join(lines)):
             counts["missing_glyph"] += 1
             continue
-        if not lines:
-            counts["empty"] += 1
+        if not all(VERSE.match(line) for line in lines):  # a bracket left open, prose, quoted speech
+            counts["not_verse"] += 1
             continue
         key = (title, author, tuple(lines))
         if key in seen:

@@ -5,27 +5,46 @@ import pytest
 import torch
 
 from minigpt.data import (PLAIN, TITLE_TO_POEM, CorpusError, Poem, PretrainData, SFTData, clean_title, is_regular,
-                          load_poems, render_sft, sft_batch, split_of, split_poems)
+                          clauses, leak, load_poems, poem_groups, render_sft, sft_batch, split_poems)
 from minigpt.model import GPT, IGNORE_INDEX
 
 from conftest import FIXTURE_CORPUS
 
 
-def test_split_is_deterministic_disjoint_and_roughly_90_5_5(splits):
-    again = split_poems(load_poems(FIXTURE_CORPUS))
-    assert again == splits
-    bodies = {name: {p.body for p in ps} for name, ps in splits.items()}
-    assert not bodies["train"] & bodies["val"] and not bodies["train"] & bodies["test"] and not bodies["val"] & bodies["test"]
+def test_split_is_deterministic_and_roughly_90_5_5(splits):
+    assert split_poems(load_poems(FIXTURE_CORPUS)) == splits
     # the fixture was picked per split; on many made-up poems the buckets come out near 90/5/5
     made_up = [Poem(str(i), "", (f"{i}，{i * 7}。",)) for i in range(4000)]
     counts = {k: len(v) for k, v in split_poems(made_up).items()}
     assert 3500 < counts["train"] < 3700 and 150 < counts["val"] < 250 and 150 < counts["test"] < 250
 
 
-def test_split_depends_on_the_lines_only():
-    a = Poem("題一", "甲", ("白日依山盡，黃河入海流。",))
-    b = Poem("另一題", "乙", ("白日依山盡，黃河入海流。",))
-    assert split_of(a) == split_of(b)
+def test_poems_that_share_a_couplet_land_in_one_split():
+    # 200 poems, each a near-copy of the one before: one couplet kept, one changed by a character
+    chain = [Poem(f"題{i}", "", (f"山{i}水{i}，雲{i}月{i}。", f"山{i + 1}水{i + 1}，雲{i + 1}月{i + 1}。")) for i in range(200)]
+    loners = [Poem(f"獨{i}", "", (f"花{i}，鳥{i}。",)) for i in range(300)]
+    groups = poem_groups(chain + loners)
+    assert len(set(groups[:200])) == 1 and len(set(groups[200:])) == 300
+    splits = split_poems(chain + loners)
+    assert sum(chain[0] in ps for ps in splits.values()) == 1
+    home = next(name for name, ps in splits.items() if chain[0] in ps)
+    assert all(p in splits[home] for p in chain)
+    assert {name: len(ps) > 0 for name, ps in splits.items()} == {"train": True, "val": True, "test": True}
+    # punctuation does not hide a copy, and the order of the file does not move a poem
+    copy = Poem("另一題", "", ("山0水0？雲0月0！",))
+    assert poem_groups([chain[0], copy]) == [0, 0]
+    assert split_poems(list(reversed(chain + loners)))["test"] == list(reversed(splits["test"]))
+
+
+def test_leak_counts_couplets_clauses_and_poems_of_a_held_out_split():
+    splits = {"train": [Poem("a", "", ("白日依山盡，黃河入海流。", "欲窮千里目，更上一層樓。"))],
+              "test": [Poem("b", "", ("白日依山盡，黃河入海流！", "欲窮千里目，更上二層樓。")),
+                       Poem("c", "", ("春眠不覺曉，處處聞啼鳥。", "夜來風雨聲，花落知多少。"))]}
+    out = leak(splits, "test")
+    assert out["couplets"] == 0.25  # 1 of the 4 held-out couplets, punctuation aside
+    assert out["clauses"] == 3 / 8  # 白日依山盡, 黃河入海流, 欲窮千里目
+    assert out["poems_half_in_train"] == 1
+    assert clauses("白日依山盡，黃河入海流。\n《欲窮》千里目") == ["白日依山盡", "黃河入海流", "欲窮千里目"]
 
 
 def test_pretraining_text_is_poems_one_after_another(splits, tokenizer):
@@ -35,7 +54,10 @@ def test_pretraining_text_is_poems_one_after_another(splits, tokenizer):
     assert PLAIN.prompt("春曉") + "x" + PLAIN.end == "春曉\nx\n\n"
     x, y = data.get_batch(4, 16, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(data.val_batches(2, 3, 16), data.val_batches(2, 3, 16)))
+    val = data.val_batches(2, 3, 16)  # six fixed windows spread over the whole val stream, first to last
+    assert [len(b[0]) for b in val] == [3, 3] and torch.equal(val[0][0][0], data.val[:16])
+    end = len(data.val) - 2
+    assert torch.equal(val[1][0][2], data.val[end - 16:end]) and torch.equal(val[1][1][2], data.val[end - 15:end + 1])
 
 
 def test_bad_corpus_lines_are_named(tmp_path):
@@ -66,6 +88,8 @@ def test_regular_form():
     assert not is_regular("白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓")  # no closing 。
     assert not is_regular("白日依山盡，黃河入海流。\n朝辭白帝彩雲間，千里江陵一日還。")  # 5 and 7 mixed
     assert not is_regular("白日依山盡，黃河入海流。\n\n欲窮千里目，更上一層樓。")
+    assert is_regular("借問酒家何處有？牧童遙指杏花村。\n清明時節雨紛紛，路上行人欲斷魂！")  # ？ and ！ end clauses too
+    assert not is_regular("白日依山盡黃河入海流。\n欲窮千里目，更上一層樓。")
 
 
 def test_sft_example_format_and_mask(tokenizer):
@@ -112,3 +136,13 @@ def test_sft_data_leaves_out_meaningless_titles_and_what_does_not_fit(splits, to
     assert not {"", "句", "失題"} & set(data.titles)
     regular = SFTData(splits["train"], tokenizer, block_size=64, regular_only=True)
     assert regular.counts["not_regular"] > 0 and all(is_regular(a) for a in regular.answers)
+
+
+@pytest.mark.slow
+def test_no_couplet_of_val_or_test_stands_in_train_on_the_real_corpus():
+    splits = split_poems(load_poems())  # the full corpus in poems/: the figure poems/README.md reports
+    for held_out in ("val", "test"):
+        share = leak(splits, held_out)
+        assert share["couplets"] < 0.005 and share["poems_half_in_train"] == 0, (held_out, share)
+        assert share["clauses"] < 0.02, (held_out, share)  # stock phrases only: about 1%
+        assert 0.04 < len(splits[held_out]) / sum(map(len, splits.values())) < 0.06

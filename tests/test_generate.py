@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from minigpt.model import sample_next
+from minigpt.model import GPT, GPTConfig, sample_next
 
 
 def prompts_of(lengths, vocab):
@@ -8,15 +9,19 @@ def prompts_of(lengths, vocab):
     return [torch.randint(6, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def test_kv_cache_gives_the_same_tokens_as_recomputing(model, tiny_config):
-    prompts = prompts_of([3, 7, 1], tiny_config.vocab_size)
+@pytest.mark.parametrize("use_sdpa", [True, False])  # the cpu preset runs the hand-written attention
+def test_kv_cache_gives_the_same_tokens_as_recomputing(tiny_config, use_sdpa):
+    model = GPT(GPTConfig(**{**tiny_config.__dict__, "use_sdpa": use_sdpa})).eval()
+    prompts = prompts_of([3, 7, 1], tiny_config.vocab_size)  # left padding and a cache, together
     for temperature in (0, 1.0):
         a = model.generate(prompts, 25, temperature=temperature, generator=torch.Generator().manual_seed(5))
         b = model.generate(prompts, 25, temperature=temperature, use_cache=False, generator=torch.Generator().manual_seed(5))
         assert a == b
 
 
-def test_a_batch_of_prompts_equals_each_prompt_alone(model, tiny_config):
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_a_batch_of_prompts_equals_each_prompt_alone(tiny_config, use_sdpa):
+    model = GPT(GPTConfig(**{**tiny_config.__dict__, "use_sdpa": use_sdpa})).eval()
     prompts = prompts_of([2, 9, 5], tiny_config.vocab_size)
     batch = model.generate(prompts, 20, temperature=0)
     assert batch == [model.generate([p], 20, temperature=0)[0] for p in prompts]
@@ -34,20 +39,48 @@ def test_generation_stops_per_row(model, tiny_config):
 
 
 def test_generation_runs_past_the_context(model, tiny_config):
-    out = model.generate(prompts_of([5], tiny_config.vocab_size), 80, temperature=1.0)
-    assert len(out[0]) == 80
-    out = model.generate(prompts_of([5], tiny_config.vocab_size), 80, temperature=1.0, use_cache=False)
-    assert len(out[0]) == 80
+    W, prompt = tiny_config.block_size, prompts_of([5], tiny_config.vocab_size)[0]
+
+    def by_hand(restart_to):
+        """Greedy decoding step by step: when the window is full, keep its last restart_to tokens."""
+        ids, start = list(prompt), 0
+        for _ in range(80):
+            if len(ids) - start > W:
+                start = len(ids) - restart_to
+            logits, _ = model(torch.tensor([ids[start:]]))
+            ids.append(int(logits[0, -1].argmax()))
+        return ids[len(prompt):]
+
+    # without the cache the window slides by one token; with it, a full window restarts from its last half
+    assert model.generate([prompt], 80, temperature=0, use_cache=False)[0] == by_hand(W)
+    assert model.generate([prompt], 80, temperature=0)[0] == by_hand(W // 2)
 
 
-def test_top_k_and_top_p_keep_only_the_likely_ids():
-    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]]).repeat(200, 1)
+def test_top_k_and_top_p_keep_exactly_the_likely_ids():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]]).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    assert set(sample_next(logits, top_k=2, generator=g).tolist()) <= {0, 1}
+    assert set(sample_next(logits, top_k=2, generator=g).tolist()) == {0, 1}
     # probabilities about .72, .27, ...: top_p 0.5 keeps id 0 only, 0.9 keeps ids 0 and 1
     assert set(sample_next(logits, top_p=0.5, generator=g).tolist()) == {0}
-    assert set(sample_next(logits, top_p=0.9, generator=g).tolist()) <= {0, 1}
-    assert sample_next(logits, temperature=0).tolist() == [0] * 200
+    assert set(sample_next(logits, top_p=0.9, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, top_p=0.99, generator=g).tolist()) == {0, 1, 2}
+    assert sample_next(logits, temperature=0).tolist() == [0] * 2000
+
+
+def test_top_k_and_top_p_at_exact_ties():
+    g = torch.Generator().manual_seed(0)
+    halves = torch.tensor([[0.5, 0.25, 0.25]]).log().repeat(2000, 1)
+    assert set(sample_next(halves, top_p=0.5, generator=g).tolist()) == {0}  # id 0 alone reaches 0.5
+    assert set(sample_next(halves, top_p=0.75, generator=g).tolist()) == {0, 1}
+    tied = torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(2000, 1)
+    assert len(set(sample_next(tied, top_k=2, generator=g).tolist())) == 2  # two of the three tied ids, not three
+
+
+def test_sampling_runs_in_float32_whatever_the_logits_dtype():
+    logits = torch.randn(64, 500).bfloat16()
+    a = sample_next(logits, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    b = sample_next(logits.float(), top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
 
 
 def test_sampling_follows_the_softmax_probabilities():

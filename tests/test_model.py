@@ -78,3 +78,22 @@ def test_bad_configs_say_what_to_fix():
 def test_too_long_input_is_refused(model):
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_hand_written_attention_equals_sdpa_with_padding_and_a_cache():
+    cfg = GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=2, n_embd=32, use_sdpa=False)
+    attn = CausalSelfAttention(cfg).eval()
+    x = torch.randn(2, 7, 32)
+    key_mask = torch.tensor([[False, False, True, True, True, True, True, True], [True] * 8])  # row 0 left-padded
+    out = {}
+    for use_sdpa in (False, True):
+        attn.use_sdpa = use_sdpa
+        cache = {}
+        first = attn(x[:, :6], cache, key_mask[:, :6])  # the prompt, then one new token against the cache
+        out[use_sdpa] = (first, attn(x[:, 6:], cache, key_mask[:, :7]))
+    assert torch.allclose(out[False][0], out[True][0], atol=1e-5) and torch.allclose(out[False][1], out[True][1], atol=1e-5)
+    # the padded positions change nothing that a real token sees
+    x2 = x.clone()
+    x2[0, :2] = torch.randn(2, 32)
+    attn.use_sdpa = False
+    assert torch.allclose(attn(x2[:, :6], {}, key_mask[:, :6])[0, 2:], out[False][0][0, 2:], atol=1e-5)

@@ -30,6 +30,8 @@ def test_titles_are_checked(tokenizer, splits):
     assert check_title(f"  {title} ", tokenizer, 64) == title
     with pytest.raises(TitleError, match="empty title"):
         check_title("   ", tokenizer, 64)
+    with pytest.raises(TitleError, match="control marker <END>"):
+        check_title("<END>" + title, tokenizer, 64)
     with pytest.raises(TitleError, match="too long"):
         check_title(title * 20, tokenizer, 64)
     with pytest.raises(TitleError, match=r"never saw: 风 x") as e:

@@ -19,6 +19,9 @@ def test_lr_warms_up_then_follows_a_cosine_down_to_min_lr():
     assert after[0] == pytest.approx(1e-3) and after[5] == pytest.approx(5.5e-4) and after[-1] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(after, after[1:]))
     assert lr_at(10, 1.7, cfg) == pytest.approx(1e-4)  # past the end it stays at min_lr
+    # the cosine starts at its top where the warmup ended (here at progress 0.2), and halves by mid-way to the end
+    assert lr_at(10, 0.2, cfg, warm_progress=0.2) == pytest.approx(1e-3)
+    assert lr_at(10, 0.6, cfg, warm_progress=0.2) == pytest.approx(5.5e-4)
 
 
 def test_weight_decay_falls_on_matrices_only():

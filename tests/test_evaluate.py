@@ -1,0 +1,121 @@
+"""The judge-free metrics on hand-made strings, and the table's columns on a tiny model."""
+import pytest
+import torch
+
+from minigpt.data import PLAIN, TITLE_TO_POEM, Poem, is_regular
+from minigpt.evaluate import (Yardstick, answer_losses, answer_val_batches, compare, copy_rate, distinct_clauses,
+                              eval_set, first_poem, format_table, learn_rhyme_groups, line_endings, mentions_title,
+                              relevance, repeats_clause, rhymes, runs_on, val_sample)
+from minigpt.model import GPT, IGNORE_INDEX, GPTConfig
+
+@pytest.fixture
+def model(tiny_config):
+    """The tiny model with room for a prompt and a short poem."""
+    return GPT(GPTConfig(**{**tiny_config.__dict__, "block_size": 96})).eval()
+
+
+QUATRAIN = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"
+SPRING = "春眠不覺曉，處處聞啼鳥。\n夜來風雨聲，花落知多少。"
+
+
+def test_first_poem_and_runs_on():
+    assert first_poem(QUATRAIN + "\n\n送友人\n青山橫北郭") == QUATRAIN
+    assert first_poem(QUATRAIN + "\n送友人\n青山橫北郭，白水遶東城。") == QUATRAIN  # the next title ends it too
+    assert first_poem("送友人\n" + QUATRAIN) == "送友人\n" + QUATRAIN  # a title of its own comes with the poem
+    assert runs_on(QUATRAIN + "\n\n送友人\n青山橫北郭")  # a blank line, then more
+    assert runs_on(QUATRAIN + "\n送友人\n青山橫北郭，白水遶東城。")  # a title-like line, then more
+    assert runs_on(QUATRAIN + "<INS>")  # another example's marker
+    assert not runs_on(QUATRAIN) and not runs_on(QUATRAIN + "\n\n")  # one poem, a trailing blank line
+    assert not runs_on("白日依山盡")  # cut at the cap mid-clause: one unfinished line, not another poem
+
+
+def test_title_relevance_counts_content_characters_not_a_repeated_title():
+    assert mentions_title("登鸛雀樓", QUATRAIN)  # 樓
+    assert not mentions_title("春曉", QUATRAIN)
+    assert mentions_title("春曉", SPRING)  # 春, 曉
+    assert not mentions_title("登鸛雀樓", "登鸛雀樓\n春眠不覺曉，處處聞啼鳥。")  # the title repeated as a line does not count
+    assert mentions_title("送別詩二首", "別有天地非人間。")  # 別 is content
+    assert not mentions_title("詩二首", "詩成二首一時傳，詩酒二首。")  # numbers and 詩, 首 say nothing of the subject
+    own, shuffled, lift = relevance(["登鸛雀樓", "春曉"], [QUATRAIN, SPRING])
+    assert (own, shuffled) == (1.0, 0.0) and lift == 1.0  # each mentions its own title, neither the other's
+
+
+def test_copying_and_repetition():
+    train = {"白日依山盡", "黃河入海流"}
+    assert copy_rate([QUATRAIN], train) == 0.5  # 2 of its 4 clauses stand in train
+    assert copy_rate([SPRING], train) == 0.0
+    assert repeats_clause("山高月小，山高月小。") and not repeats_clause(QUATRAIN)
+    assert distinct_clauses([QUATRAIN, QUATRAIN]) == 0.5 and distinct_clauses([QUATRAIN, SPRING]) == 1.0
+
+
+def test_line_endings_and_rhyme():
+    assert line_endings(QUATRAIN) == ["流", "樓"]
+    groups = {"流": "A", "樓": "A", "頭": "A", "鳥": "B", "少": "B"}
+    assert rhymes(QUATRAIN, groups)
+    assert not rhymes("白日依山盡，黃河入海鳥。\n欲窮千里目，更上一層樓。", groups)  # 鳥 and 樓: two groups
+    assert not rhymes("白日依山盡，黃河入海樓。\n欲窮千里目，更上一層樓。", groups)  # the same character twice is no rhyme
+    assert not rhymes("白日依山盡，黃河入海流。\n欲窮千里目，更上一層天。", groups)  # 天 is in no group
+
+
+def test_rhyme_groups_are_learnt_from_poems_whose_endings_rhyme_together():
+    rhyming = [Poem(str(i), "", (f"{a}{a}{a}{a}{a}，{a}{a}{a}{a}{x}。", f"{b}{b}{b}{b}{b}，{b}{b}{b}{b}{y}。"))
+               for i, (a, b, x, y) in enumerate([("山", "水", "流", "樓")] * 5 + [("花", "月", "鳥", "少")] * 5
+                                                + [("雲", "風", "流", "頭")] * 2)]
+    groups = learn_rhyme_groups(rhyming, strong=5, weak=2)
+    assert groups["流"] == groups["樓"] and groups["鳥"] == groups["少"] and groups["流"] != groups["鳥"]
+    assert groups["頭"] == groups["流"]  # seen twice with 流: joins its group
+    assert "天" not in groups
+
+
+def test_yardstick_scores_answers_on_one_footing():
+    yard = Yardstick([Poem("a", "", tuple(QUATRAIN.split("\n")))])
+    yard.rhyme_groups = {"流": "A", "樓": "A"}
+    base_text = QUATRAIN + "\n\n送友人\n青山橫北郭，白水遶東城。"  # the base model's first poem, then the next
+    out = yard.score(["登鸛雀樓", "春曉"], [base_text, SPRING])
+    assert out["stop_rate"] is None  # no end marker in this format
+    assert out["run_on_rate"] == 0.5 and out["regular_rate"] == 1.0 and out["mean_length"] == len(QUATRAIN)
+    assert out["copy_rate"] == 0.5 and out["rhyme_rate"] == 0.5 and out["relevance"] == 1.0
+    assert yard.score(["春曉"], [SPRING], stopped=[True])["stop_rate"] == 1.0
+
+
+def test_eval_set_leaves_out_training_titles_and_spreads_over_the_split():
+    train = [Poem("春曉", "", ("山，水。",))]
+    held = [Poem(t, "", (f"{t}，水。",)) for t in ["春曉", "句", "秋夕 一", "秋夕 二"] + [f"題{i}" for i in range(20)]]
+    es = eval_set(held, train, n=5)
+    assert es.left_out == 1 and "春曉" not in es.titles and "句" not in es.titles
+    assert es.titles == ["秋夕", "題3", "題7", "題11", "題15"] and es.poems[0] == "秋夕 一，水。"
+
+
+def test_val_sample_and_answer_losses_score_poem_and_end_marker_apart(model, tokenizer, splits):
+    sample = val_sample(splits["val"], tokenizer, model.config.block_size, n=4)
+    assert len(sample) == 4
+    assert all(len(tokenizer.encode(TITLE_TO_POEM.prompt(t) + b + TITLE_TO_POEM.end, unknown="unk")) <= 97 for t, b in sample)
+    for fmt in (TITLE_TO_POEM, PLAIN):
+        (x, y), = answer_val_batches(tokenizer, sample[:1], fmt, "end")
+        ends = y[y != IGNORE_INDEX].tolist()
+        assert ends == tokenizer.encode(fmt.end)  # <END>, or the blank line of the pretraining text
+        (x, y), = answer_val_batches(tokenizer, sample[:1], fmt, "poem")
+        assert y[y != IGNORE_INDEX].tolist() == tokenizer.encode(sample[0][1], unknown="unk")
+    losses = answer_losses(model, tokenizer, sample[:1])
+    logits, _ = model(x)
+    title, body = sample[0]
+    ids = tokenizer.encode(TITLE_TO_POEM.prompt(title) + body + TITLE_TO_POEM.end, unknown="unk")
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0][0], dim=-1)
+    assert losses["val_end_loss"] == pytest.approx(-logp[-1, tokenizer.end_id].item(), abs=1e-4)
+    n_poem = len(body)
+    poem_loss = -sum(logp[len(ids) - 2 - n_poem + i, ids[len(ids) - 1 - n_poem + i]].item() for i in range(n_poem)) / n_poem
+    assert losses["val_answer_loss"] == pytest.approx(poem_loss, abs=1e-4)
+
+
+def test_compare_scores_four_columns_on_the_same_titles(model, tokenizer, splits):
+    columns, es, yard = compare(model, model, tokenizer, splits, n_titles=4, max_new_tokens=12, held_out="val")
+    assert [n for n, _ in columns] == ["real poems", "base, own format", "base, SFT prompt", "fine-tuned"]
+    real, plain, sft_prompt, tuned = (m for _, m in columns)
+    assert real["stop_rate"] is None and plain["stop_rate"] is None and sft_prompt["stop_rate"] is not None
+    assert real["run_on_rate"] == 0.0 and real["regular_rate"] == sum(map(is_regular, es.poems)) / len(es.poems)
+    assert sft_prompt == {**tuned}  # the same model, the same titles and seed: the same figures
+    assert [e["title"] for e in tuned["examples"]] == es.titles[:3]
+    assert plain["mean_length"] <= 12 and plain["val_end_loss"] > 0 and "val_end_loss" not in real
+    table = format_table(columns)
+    assert "—" in table.split("\n")[1] and "title relevance lift" in table
