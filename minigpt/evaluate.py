@@ -11,6 +11,7 @@ import collections
 import itertools
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -284,7 +285,7 @@ def format_table(columns, note=""):
         cells = ["—" if c is None else fmt.format(100 * c if key == "relevance_lift" else c) for c in cells]
         lines.append(label.ljust(32) + "".join(c.rjust(width) for c in cells))
     if note:
-        lines.append(note)
+        lines.append(textwrap.fill(note, 116))
     for name, m in columns:
         if m.get("examples"):
             lines.append(f"\n== {name} ==")

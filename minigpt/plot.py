@@ -38,8 +38,9 @@ def _finish(fig, ax, ylabel, title, png_path):
     return png_path
 
 
-BEHAVIOUR = [("stop_rate", "stops at <END>"), ("regular_rate", "regular shape"), ("run_on_rate", "runs on"),
-             ("relevance", "mentions its title"), ("rhyme_rate", "rhymes (of regular)")]
+BEHAVIOUR = [("stop_rate", "stops at <END>", "C0", "-"), ("regular_rate", "regular shape", "C1", "-"),
+             ("run_on_rate", "runs on", "C2", "-"), ("relevance", "mentions its title", "C3", "-"),
+             ("relevance_shuffled", "mentions a shuffled title", "C3", "--"), ("rhyme_rate", "rhymes (of regular)", "C4", "-")]
 
 
 def plot_behaviour(log_path, png_path, title="instruction following over SFT steps"):
@@ -47,15 +48,16 @@ def plot_behaviour(log_path, png_path, title="instruction following over SFT ste
     evals = [r for r in read_log(log_path) if r["kind"] == "eval" and "stop_rate" in r]
     steps = [r["step"] for r in evals]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in BEHAVIOUR:
-        ax.plot(steps, [float("nan") if r.get(key) is None else 100 * r[key] for r in evals], "o-", label=label)
+    for key, label, colour, style in BEHAVIOUR:
+        ax.plot(steps, [float("nan") if r.get(key) is None else 100 * r[key] for r in evals], marker="o",
+                color=colour, linestyle=style, label=label)
     ax.set_xlabel("SFT step")
     ax.set_ylabel("% of val titles")
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center right", bbox_to_anchor=(1.0, 0.63), fontsize=8)
     ax.set_title(title)
-    ax2.plot(steps, [r["val_loss"] for r in evals], "o-", color="C4")
+    ax2.plot(steps, [r["val_loss"] for r in evals], "o-", color="C5")
     ax2.set_xlabel("SFT step")
     ax2.set_ylabel("val loss per poem token")
     ax2.grid(alpha=0.3)
