@@ -4,7 +4,8 @@
     python train_sft.py                       # after python train_pretrain.py; about 5 minutes on 2 CPU cores
     python train_sft.py --train-on-prompt     # also train on the prompt, to compare the loss curves
 
-Every few steps it prints, for the same titles, what the model answers and whether it stopped at <END>.
+Every few steps it prints, for the same titles, what the model answers and whether it stopped at <END>, and the
+behaviour on val titles; test titles appear only in the final table.
 """
 import os
 
@@ -37,7 +38,7 @@ def main(argv=None):
                         help="regular: only 絕句/律詩-shaped poems become answers; all: every poem that fits; "
                              "relevant: regular poems that name a content character of their title")
     parser.add_argument("--train-on-prompt", action="store_true", help="count the prompt in the loss too (default: answer only)")
-    parser.add_argument("--eval-titles", type=int, help="held-out titles for the behaviour metrics")
+    parser.add_argument("--eval-titles", type=int, help="val titles measured at every eval; as many test titles in the final table")
     parser.add_argument("--max-new-tokens", type=int, help="longest answer when measuring")
     args = parser.parse_args(argv)
     _, cfg, device, extra = cli.resolve(args, PRESETS)

@@ -317,7 +317,8 @@ def table_note(evalset, yard, splits, held_out="test"):
     rhyme_real, rhyme_shuffled = yard.calibrate(splits["val"])
     return (f"({len(evalset.titles)} {held_out} titles; {evalset.left_out} {held_out} titles left out because a training "
             f"poem has the same title. The base model never saw <END>, so it cannot stop: its answer is its first poem, "
-            f"cut at the blank line that ends a poem in its training text. Rhyme checker on val: real regular poems "
+            f"cut where a poem ends in its training text (a blank line, or the next title). Rhyme checker on val: "
+            f"real regular poems "
             f"{rhyme_real:.1%}, their line endings shuffled across poems {rhyme_shuffled:.1%}.)")
 
 
