@@ -1,7 +1,8 @@
 """Checkpoints: a plain dict of state_dicts, configs, the vocabulary and the step; never a pickled module.
 
 They load with torch.load(weights_only=True), so a file from a stranger cannot run code. Writes go to a
-temporary file first and are renamed into place, so a crash mid-write never corrupts the last one.
+temporary file first, flushed to the disk and renamed into place, so neither a crash mid-write nor a power
+cut corrupts the last one.
 """
 import os
 import pickle
@@ -26,9 +27,20 @@ def checkpoint_path(path):
 
 
 def save_checkpoint(path, payload):
+    """Write to a temporary file, flush it to the disk, rename it into place, then flush the folder's entry:
+    after a crash or a power cut the checkpoint is the old one or the new one, whole."""
     tmp = path + ".tmp"
-    torch.save(payload, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: the rename itself lives in the folder
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(path, device="cpu"):

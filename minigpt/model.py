@@ -76,7 +76,10 @@ class CausalSelfAttention(nn.Module):
             itself = torch.arange(S, S + T, device=x.device)[:, None] == torch.arange(S + T, device=x.device)  # (T, S + T)
             allowed = allowed & key_mask[:, None, None, :] | itself  # (B, 1, T, S + T)
         p_drop = self.dropout if self.training else 0.0
-        if self.use_sdpa:
+        if self.use_sdpa and S == 0 and key_mask is None and T > 1:
+            # a plain causal window: SDPA's own causal path, which lets it pick its fastest kernel (flash on a GPU)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True)
+        elif self.use_sdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p_drop)
         else:
             # scores scaled by 1/sqrt(hs) so that their variance stays near 1 whatever the head size

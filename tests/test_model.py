@@ -38,6 +38,21 @@ def test_hand_written_attention_equals_sdpa(n_head):
     assert torch.allclose(manual, attn.proj(ref), atol=1e-5)
 
 
+def test_sdpa_takes_its_causal_path_when_there_is_no_cache_and_no_padding(monkeypatch):
+    cfg = GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=2, n_embd=32, use_sdpa=True)
+    attn = CausalSelfAttention(cfg).eval()
+    calls, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append((kw.get("is_causal", False), kw.get("attn_mask"))) or real(*a, **kw))
+    x = torch.randn(2, 6, 32)
+    attn(x)  # a training window
+    cache = {}
+    attn(x[:, :5], cache, torch.tensor([[False, True, True, True, True], [True] * 5]))  # padded prompt into a cache
+    attn(x[:, 5:], cache, torch.tensor([[False] + [True] * 5, [True] * 6]))
+    assert calls[0] == (True, None)
+    assert all(not causal and mask is not None for causal, mask in calls[1:])
+
+
 def test_whole_model_same_with_and_without_sdpa(tiny_config):
     m = GPT(tiny_config).eval()
     idx = torch.randint(tiny_config.vocab_size, (2, 32))

@@ -92,10 +92,9 @@ def test_a_kill_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkeyp
     dying = (
         "import os, signal, torch\n"
         "from minigpt import checkpoint\n"
-        "def save(obj, path):\n"
-        "    with open(path, 'wb') as f:\n"
-        "        f.write(b'PK\\x03\\x04 half a checkpoint')\n"
-        "        f.flush()\n"
+        "def save(obj, f):\n"
+        "    f.write(b'PK\\x03\\x04 half a checkpoint')\n"
+        "    f.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "checkpoint.torch.save = save\n"
         f"checkpoint.save_checkpoint({os.path.join(out, 'ckpt.pt')!r}, {{'step': 999}})\n"
@@ -181,8 +180,12 @@ def test_untrusted_checkpoints_are_refused_with_one_line(good_checkpoint, tmp_pa
         assert e.value.code == 2 and reason in message(capsys.readouterr().err)
 
 
-def test_save_checkpoint_replaces_in_one_step(tmp_path):
+def test_save_checkpoint_replaces_in_one_step(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     save_checkpoint(path, {"step": 1})
+    assert len(synced) == 2  # the file before the rename, the folder after it
     save_checkpoint(path, {"step": 2})
     assert torch.load(path, weights_only=True)["step"] == 2 and not os.path.exists(path + ".tmp")
