@@ -12,7 +12,7 @@ import os
 from minigpt import cli
 from minigpt.checkpoint import CheckpointError, load_checkpoint
 from minigpt.data import DEFAULT_CORPUS, SFTData, build_tokenizer, load_poems, split_poems
-from minigpt.evaluate import (Yardstick, answer_val_batches, compare, eval_set, format_table, measure, mentions_title,
+from minigpt.evaluate import (Yardstick, compare, eval_set, format_table, loss_batches, measure, mentions_title,
                               table_note, val_sample, write_answers)
 from minigpt.model import GPT, GPTConfig
 from minigpt.plot import plot_behaviour
@@ -69,7 +69,7 @@ def main(argv=None):
         raise cli.UsageError(f"no SFT example fits the model's context of {T} tokens; pretrain with a larger --block-size")
     yard = Yardstick(splits["train"])
     val_poems = val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size)
-    val = answer_val_batches(tokenizer, val_poems, batch_size=cfg.batch_size)  # the loss on the poem's tokens
+    val = loss_batches(tokenizer, val_poems, batch_size=cfg.batch_size)  # the loop's val loss: the poem's tokens
     val_set = eval_set(splits["val"], splits["train"], n_titles)
     demo = DEMO_TITLES + val_set.titles[:2]
     print(f"SFT data ({args.data}): " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
@@ -85,9 +85,9 @@ def main(argv=None):
     extra_ckpt = {"stage": "sft", "model_config": model_cfg.__dict__.copy(), "tokenizer": tokenizer.to_list(),
                   "init_from": os.path.abspath(args.init_from), "data": args.data, "train_on_prompt": args.train_on_prompt,
                   "eval_titles": n_titles, "max_new_tokens": max_new}
-    result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, tokenizer.pad_id, g, args.train_on_prompt), val,
+    result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, tokenizer.pad_id, g, args.train_on_prompt), val["poem"],
                    args.out_dir, extra_ckpt, sample=sample,
-                   metrics=lambda m, step: measure(m, tokenizer, val_set.titles, yard, sample=val_poems, max_new_tokens=max_new),
+                   metrics=lambda m, step: measure(m, tokenizer, val_set.titles, yard, val=val, max_new_tokens=max_new),
                    on_event=cli.print_event, device=device, resume_from=ckpt if resumed else None)
     if not cli.is_lead():
         return result

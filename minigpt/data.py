@@ -72,23 +72,33 @@ def split_of(key):
     return next(name for name, upper in SPLITS.items() if bucket < upper)
 
 
+def join_groups(pairs):
+    """Union-find: {item: its group's representative} for every item of the pairs; the two items of a pair are in
+    one group, and so, in turn, is everything joined to either of them."""
+    parent = {}
+
+    def root(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]  # path halving keeps the trees flat
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        parent[root(a)] = root(b)
+    return {x: root(x) for x in parent}
+
+
 def poem_groups(poems):
-    """A group number per poem: poems that share a couplet are in one group, and so, in turn, are poems that
-    share a couplet with any of them (union-find). One poem recorded twice with a character changed is one group."""
-    parent = list(range(len(poems)))
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]  # path halving keeps the trees flat
-            i = parent[i]
-        return i
-
+    """A group per poem: poems that share a couplet are in one group, and so, in turn, are poems that share a
+    couplet with any of them. One poem recorded twice with a character changed is one group."""
     first_with = {}  # couplet -> the first poem that has it
-    for i, p in enumerate(poems):
-        for key in couplet_keys(p):
-            j = first_with.setdefault(key, i)
-            parent[root(i)] = root(j)
-    return [root(i) for i in range(len(poems))]
+    groups = join_groups((i, first_with.setdefault(key, i)) for i, p in enumerate(poems) for key in couplet_keys(p))
+    return [groups.get(i, i) for i in range(len(poems))]
+
+
+def spread(items, n):
+    """n items taken evenly from first to last (all of them if there are no more than n): the same on every run."""
+    return list(items) if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
 
 
 def split_poems(poems):
@@ -109,12 +119,11 @@ def leak(splits, held_out="test"):
     (the halves of a couplet, split at punctuation), and how many of its poems have half or more couplets in train."""
     train_couplets = {k for p in splits["train"] for k in couplet_keys(p)}
     train_clauses = {c for p in splits["train"] for c in clauses(p.body)}
-    couplets = [k for p in splits[held_out] for k in couplet_keys(p)]
-    held_clauses = [c for p in splits[held_out] for c in clauses(p.body)]
-    half = sum(2 * sum(k in train_couplets for k in couplet_keys(p)) >= len(couplet_keys(p)) for p in splits[held_out])
-    return {"couplets": sum(k in train_couplets for k in couplets) / max(len(couplets), 1),
-            "clauses": sum(c in train_clauses for c in held_clauses) / max(len(held_clauses), 1),
-            "poems_half_in_train": half}
+    held = [[k in train_couplets for k in couplet_keys(p)] for p in splits[held_out]]  # per poem: each couplet in train?
+    held_clauses = [c in train_clauses for p in splits[held_out] for c in clauses(p.body)]
+    return {"couplets": sum(map(sum, held)) / max(sum(map(len, held)), 1),
+            "clauses": sum(held_clauses) / max(len(held_clauses), 1),
+            "poems_half_in_train": sum(2 * sum(ks) >= len(ks) for ks in held)}
 
 
 CLAUSE_END = re.compile(r"[，。？！；：、\n]")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from minigpt.data import (DEFAULT_CORPUS, MEANINGLESS_TITLES, PLAIN, TITLE_TO_POEM, clauses, clean_title, is_regular,
-                          load_poems, sft_batch, split_poems)
+                          join_groups, load_poems, sft_batch, split_poems, spread)
 from minigpt.tokenizer import SPECIAL_TOKENS
 
 MAX_NEW_TOKENS = 256
@@ -50,9 +50,7 @@ def eval_set(held_out, train, n=200):
             left_out.add(title)
             continue
         first.setdefault(title, p.body)
-    titles = list(first)
-    if len(titles) > n:
-        titles = [titles[i * len(titles) // n] for i in range(n)]
+    titles = spread(list(first), n)
     return EvalSet(titles, [first[t] for t in titles], len(left_out))
 
 
@@ -148,17 +146,7 @@ def learn_rhyme_groups(poems, strong=5, weak=2):
     for p in poems:
         if is_regular(p.body):
             pairs.update(itertools.combinations(sorted(set(line_endings(p.body))), 2))
-    parent = {}
-
-    def root(c):
-        while parent.setdefault(c, c) != c:
-            c = parent[c]
-        return c
-
-    for (a, b), n in pairs.items():
-        if n >= strong:
-            parent[root(a)] = root(b)
-    groups = {c: root(c) for c in parent}
+    groups = join_groups(pair for pair, n in pairs.items() if n >= strong)
     votes = collections.defaultdict(collections.Counter)
     for (a, b), n in pairs.items():
         for c, d in ((a, b), (b, a)):
@@ -229,7 +217,7 @@ def val_sample(val_poems, tokenizer, block_size, n=256):
             fits.append((title, p.body))
     if not fits:
         raise ValueError("no held-out poem fits the context; use a larger block_size")
-    return fits if len(fits) <= n else [fits[i * len(fits) // n] for i in range(n)]
+    return spread(fits, n)
 
 
 def answer_val_batches(tokenizer, sample, fmt=TITLE_TO_POEM, part="poem", batch_size=32):
@@ -243,23 +231,31 @@ def answer_val_batches(tokenizer, sample, fmt=TITLE_TO_POEM, part="poem", batch_
     return [sft_batch(examples[i:i + batch_size], tokenizer.pad_id) for i in range(0, len(examples), batch_size)]
 
 
-def answer_losses(model, tokenizer, sample, fmt=TITLE_TO_POEM, batch_size=32):
-    """{'val_answer_loss': nats per poem token, 'val_end_loss': nats to end the poem where it ends (per poem)}."""
+def loss_batches(tokenizer, sample, fmt=TITLE_TO_POEM, batch_size=32):
+    """The sample in fmt, batched once for every eval: targets on the poem's tokens, and on the end marker's."""
+    return {"poem": answer_val_batches(tokenizer, sample, fmt, "poem", batch_size),
+            "end": answer_val_batches(tokenizer, sample, fmt, "end", batch_size),
+            "end_tokens": len(tokenizer.encode(fmt.end, unknown="unk"))}
+
+
+def answer_losses(model, val):
+    """{'val_answer_loss': nats per poem token, 'val_end_loss': nats to end the poem where it ends (per poem)};
+    val: what loss_batches returns."""
     from minigpt.train import evaluate_loss
     device = model.tok_emb.weight.device
-    n_end = len(tokenizer.encode(fmt.end, unknown="unk"))
-    return {"val_answer_loss": evaluate_loss(model, answer_val_batches(tokenizer, sample, fmt, "poem", batch_size), device),
-            "val_end_loss": n_end * evaluate_loss(model, answer_val_batches(tokenizer, sample, fmt, "end", batch_size), device)}
+    return {"val_answer_loss": evaluate_loss(model, val["poem"], device),
+            "val_end_loss": val["end_tokens"] * evaluate_loss(model, val["end"], device)}
 
 
-def measure(model, tokenizer, titles, yardstick, fmt=TITLE_TO_POEM, sample=None, max_new_tokens=MAX_NEW_TOKENS):
-    """The metrics of one model in one format, three example answers and (given a val sample) its answer losses."""
+def measure(model, tokenizer, titles, yardstick, fmt=TITLE_TO_POEM, val=None, max_new_tokens=MAX_NEW_TOKENS):
+    """The metrics of one model in one format, three example answers and (given loss_batches in the same format)
+    its answer losses."""
     answers = write_answers(model, tokenizer, titles, fmt, max_new_tokens)
     texts = [t for t, _ in answers]
     out = {**yardstick.score(titles, texts, [s for _, s in answers] if fmt.end == TITLE_TO_POEM.end else None),
            "examples": [{"title": t, "answer": a, "stopped": s} for t, (a, s) in zip(titles[:3], answers[:3])]}
-    if sample is not None:
-        out.update(answer_losses(model, tokenizer, sample, fmt))
+    if val is not None:
+        out.update(answer_losses(model, val))
     return out
 
 
@@ -306,10 +302,11 @@ def compare(base, sft, tokenizer, splits, n_titles=200, max_new_tokens=MAX_NEW_T
     yard = yardstick or Yardstick(splits["train"])
     evalset = eval_set(splits[held_out], splits["train"], n_titles)
     sample = val_sample(splits["val"], tokenizer, base.config.block_size)
+    plain, sft_format = loss_batches(tokenizer, sample, PLAIN), loss_batches(tokenizer, sample)  # the same poems
     columns = [("real poems", reference(yard, evalset)),
-               ("base, own format", measure(base, tokenizer, evalset.titles, yard, PLAIN, sample, max_new_tokens)),
-               ("base, SFT prompt", measure(base, tokenizer, evalset.titles, yard, TITLE_TO_POEM, sample, max_new_tokens)),
-               ("fine-tuned", measure(sft, tokenizer, evalset.titles, yard, TITLE_TO_POEM, sample, max_new_tokens))]
+               ("base, own format", measure(base, tokenizer, evalset.titles, yard, PLAIN, plain, max_new_tokens)),
+               ("base, SFT prompt", measure(base, tokenizer, evalset.titles, yard, TITLE_TO_POEM, sft_format, max_new_tokens)),
+               ("fine-tuned", measure(sft, tokenizer, evalset.titles, yard, TITLE_TO_POEM, sft_format, max_new_tokens))]
     return columns, evalset, yard
 
 

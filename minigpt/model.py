@@ -67,8 +67,11 @@ class CausalSelfAttention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         S = k.size(2) - T  # how many earlier tokens the new ones may also look at
+        # SDPA's own causal path for a plain window (no cache offset, no padding) lets it pick its fastest kernel
+        # (flash attention on a GPU); then no mask is built at all
+        sdpa_causal = self.use_sdpa and S == 0 and key_mask is None and T > 1
         allowed = None  # a single newest token may look at every key: no mask to build
-        if T > 1 or key_mask is not None:
+        if (T > 1 or key_mask is not None) and not sdpa_causal:
             # causal mask: query i (at absolute position S + i) sees keys 0 .. S + i, never the future
             allowed = torch.ones(T, S + T, dtype=torch.bool, device=x.device).tril(diagonal=S)  # (T, S + T)
         if key_mask is not None:
@@ -76,11 +79,8 @@ class CausalSelfAttention(nn.Module):
             itself = torch.arange(S, S + T, device=x.device)[:, None] == torch.arange(S + T, device=x.device)  # (T, S + T)
             allowed = allowed & key_mask[:, None, None, :] | itself  # (B, 1, T, S + T)
         p_drop = self.dropout if self.training else 0.0
-        if self.use_sdpa and S == 0 and key_mask is None and T > 1:
-            # a plain causal window: SDPA's own causal path, which lets it pick its fastest kernel (flash on a GPU)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True)
-        elif self.use_sdpa:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p_drop)
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p_drop, is_causal=sdpa_causal)
         else:
             # scores scaled by 1/sqrt(hs) so that their variance stays near 1 whatever the head size
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, S + T)

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from minigpt.checkpoint import save_checkpoint
+from minigpt.model import IGNORE_INDEX
 from minigpt.plot import plot_losses
 
 
@@ -115,7 +116,6 @@ def lr_at(step, progress, cfg, warm_progress=0.0):
 @torch.no_grad()
 def evaluate_loss(model, batches, device):
     """The mean loss per counted target over all batches (a batch with more counted targets weighs more)."""
-    from minigpt.model import IGNORE_INDEX
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

@@ -4,8 +4,8 @@ import torch
 
 from minigpt.data import PLAIN, TITLE_TO_POEM, Poem, is_regular
 from minigpt.evaluate import (Yardstick, answer_losses, answer_val_batches, compare, copy_rate, distinct_clauses,
-                              eval_set, first_poem, format_table, learn_rhyme_groups, line_endings, mentions_title,
-                              relevance, repeats_clause, rhymes, runs_on, val_sample)
+                              eval_set, first_poem, format_table, learn_rhyme_groups, line_endings, loss_batches,
+                              mentions_title, relevance, repeats_clause, rhymes, runs_on, val_sample)
 from minigpt.model import GPT, IGNORE_INDEX, GPTConfig
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_val_sample_and_answer_losses_score_poem_and_end_marker_apart(model, tok
         assert ends == tokenizer.encode(fmt.end)  # <END>, or the blank line of the pretraining text
         (x, y), = answer_val_batches(tokenizer, sample[:1], fmt, "poem")
         assert y[y != IGNORE_INDEX].tolist() == tokenizer.encode(sample[0][1], unknown="unk")
-    losses = answer_losses(model, tokenizer, sample[:1])
+    losses = answer_losses(model, loss_batches(tokenizer, sample[:1]))
     logits, _ = model(x)
     title, body = sample[0]
     ids = tokenizer.encode(TITLE_TO_POEM.prompt(title) + body + TITLE_TO_POEM.end, unknown="unk")
