@@ -26,12 +26,12 @@ def checkpoint_path(path):
     return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
 
 
-def save_checkpoint(path, payload):
-    """Write to a temporary file, flush it to the disk, rename it into place, then flush the folder's entry:
-    after a crash or a power cut the checkpoint is the old one or the new one, whole."""
+def replace_durably(path, write):
+    """write(file) fills a temporary file, which is flushed to the disk and renamed over path; then the folder's
+    entry is flushed too. After a crash or a power cut, path holds the old content or the new one, whole."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        torch.save(payload, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -41,6 +41,11 @@ def save_checkpoint(path, payload):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def save_checkpoint(path, payload):
+    """torch.save, made durable: the checkpoint on the disk is always the last one or the new one, whole."""
+    replace_durably(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path, device="cpu"):

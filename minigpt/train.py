@@ -1,9 +1,11 @@
-"""The one training loop, used by pretraining and instruction tuning alike.
+"""The one training loop, shared by every stage: pretraining, instruction tuning and any stage to come.
 
-It knows nothing about poems: it takes a model, a function that returns the next batch, a fixed
-list of val batches and an optional sampling hook. It owns the optimizer, the LR schedule
-(warmup, then cosine decay fitted to a step count or a time budget), eval, the JSONL log and checkpoints.
+Read `train_step` and the loop in `train` first: they are the textbook loop (batch, forward, backward, clip, step).
+A stage supplies its batches, its loss (`lm_loss` unless it brings its own) and its hooks. Everything after
+`train` is machinery a first reading can skip: the LR schedule and time budget, eval, the log and checkpoints
+(`Run`), signals, and several processes under torchrun (`Processes`).
 """
+import contextlib
 import json
 import math
 import os
@@ -18,9 +20,71 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from minigpt.checkpoint import save_checkpoint
+from minigpt.checkpoint import replace_durably, save_checkpoint
 from minigpt.model import IGNORE_INDEX
 from minigpt.plot import plot_losses
+
+
+def train_step(model, opt, batch, loss_fn, grad_clip, procs, autocast=contextlib.nullcontext):
+    """One step of gradient descent on one batch; returns the loss (the same value in every process)."""
+    with autocast():
+        loss, count = loss_fn(model, batch)  # the stage's loss: a mean over `count` trained tokens (or pairs)
+    loss = loss * procs.share(count)  # one process: x1; several: their average becomes the mean over all their tokens
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # the gradients (under DDP, averaged over the processes as they are computed)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # one huge gradient cannot throw the weights far
+    opt.step()
+    return procs.mean(loss.detach())
+
+
+def lm_loss(model, batch):
+    """The language-model loss of pretraining and SFT: cross-entropy of each next token, averaged over the
+    targets that count (SFT's mask sets the rest to IGNORE_INDEX)."""
+    x, y = batch
+    _, loss = model(x, y)
+    return loss, (y != IGNORE_INDEX).sum()
+
+
+def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=None, metrics=None, on_event=None,
+          device="cpu", resume_from=None, loss_fn=lm_loss):
+    """Train model in place; returns the last eval record.
+
+    get_batch(generator) -> a tuple of tensors with one row per example (lm_loss: (x, y)), the whole batch;
+    val_batches: a fixed list of (x, y); checkpoint_extra: dict stored in every checkpoint (configs, tokenizer, stage);
+    sample(model, step) -> dict of samples to log; metrics(model, step) -> dict added to each eval record;
+    on_event(record) sees every log record; resume_from: a checkpoint dict of this run to continue;
+    loss_fn(model, batch) -> (mean loss, count of what it averages). Ctrl-C, SIGTERM or a loss that is not finite
+    raise TrainingStopped. Under torchrun each process trains on its rows of every batch; process 0 evaluates,
+    logs and saves."""
+    procs = Processes(device, cfg.batch_size)
+    torch.manual_seed(cfg.seed + procs.rank)  # dropout draws its own masks in every process
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # the same data order in every process: each takes its rows
+    model.to(device).train()
+    opt = make_optimizer(model, cfg)
+    run = Run(cfg, procs, model, opt, data_gen, out_dir, checkpoint_extra, val_batches, sample, metrics, on_event,
+              resume_from)
+    step_model = procs.wrap(model)  # DDP averages the gradients of all processes in backward()
+    if cfg.compile:
+        step_model = CompiledOrNot(step_model)
+    amp = autocast_dtype(cfg.dtype, device)  # eval and sampling stay in float32
+
+    def autocast():
+        return torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None)
+
+    with run:  # catches Ctrl-C and SIGTERM, shows a progress bar, closes the log
+        if resume_from is None:
+            run.evaluate_and_save()  # step 0: what the model does before any training
+        while run.going():  # the progress (steps or time) is below 1 and no signal came
+            lr = run.set_lr(opt)
+            batch = procs.rows(get_batch(data_gen))
+            loss = train_step(step_model, opt, batch, loss_fn, cfg.grad_clip, procs, autocast)
+            run.after_step(loss.item(), lr, batch[0].numel() * procs.world)  # log, eval, checkpoint
+        run.finish()
+    return run.last_eval
+
+
+# ---- everything below is machinery: a first reading can stop here ----
 
 
 @dataclass
@@ -54,44 +118,6 @@ class TrainConfig:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.dtype not in ("float32", "bfloat16", "auto"):
             raise ValueError(f"dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
-
-
-def cpu_has_bfloat16():
-    """True where the CPU has bfloat16 instructions (AVX512-BF16 or AMX), as Linux reports them."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(name, device):
-    """The autocast dtype for training (None: plain float32). 'auto' picks bfloat16 where the hardware has it."""
-    kind = device.split(":")[0]
-    if name == "bfloat16" or (name == "auto" and kind == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    if name == "auto" and kind == "cpu" and cpu_has_bfloat16():
-        return torch.bfloat16
-    return None
-
-
-def pick_device(name="auto"):
-    """'auto' takes cuda, then mps, then cpu; any other name must be available here.
-    Under torchrun, 'auto' and 'cuda' give each process the GPU of its local rank."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return "mps" if torch.backends.mps.is_available() else "cpu"
-        name = "cuda"
-    if name == "cuda" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    base = name.split(":")[0]
-    if base not in ok:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
-    if not ok[base]:
-        raise ValueError(f"device {name!r} is not available on this machine; use --device cpu or auto")
-    return name
 
 
 def make_optimizer(model, cfg):
@@ -135,12 +161,250 @@ class TrainingStopped(Exception):
         self.out_dir, self.exit_code, self.resumable = out_dir, exit_code, resumable
 
 
-def _read_log_until(path, step):
-    """The log records up to and including step: what a run resumed from that step's checkpoint keeps."""
+class Run:
+    """A run's state between steps: the schedule's clock, the log, evals, checkpoints and signals.
+    Every process keeps one; only process 0 writes. Whatever ends or times the run is agreed by all processes."""
+
+    def __init__(self, cfg, procs, model, opt, data_gen, out_dir, extra, val_batches, sample, metrics, on_event,
+                 resume_from):
+        self.cfg, self.procs, self.model, self.opt, self.data_gen, self.out_dir, self.extra = (
+            cfg, procs, model, opt, data_gen, out_dir, extra)
+        self.val_batches, self.sample, self.metrics, self.on_event = val_batches, sample, metrics, on_event
+        os.makedirs(out_dir, exist_ok=True)
+        self.ckpt_path, self.log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
+        self.budget = cfg.max_minutes * 60
+        self.step, self.tokens, self.window, self.t_window, self.progress = 0, 0, [], 0.0, 0.0
+        self.reserve, self.warm_progress, self.last_eval, self.saved_step = 0.0, None, None, None
+        self.t_start, self.t_step, self.signals, self.handlers, self.bar, self.log = time.time(), 0.0, [], {}, None, None
+        if resume_from is not None:
+            self.resume(resume_from)
+
+    def resume(self, ckpt):
+        """Everything comes from the checkpoint, in every process; process 0 also cuts the log back to its step."""
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.procs.set_rng_state(ckpt["rng"], self.cfg.seed + ckpt["step"])
+        self.data_gen.set_state(ckpt["rng"]["data"].cpu())
+        self.step, self.tokens, self.reserve = ckpt["step"], ckpt["tokens"], ckpt["reserve"]
+        self.t_start = time.time() - ckpt["elapsed_s"]  # the time budget counts the time before the interruption
+        self.warm_progress = ckpt.get("warm_progress")
+        self.window = list(ckpt["window"])  # losses since the last log line, so that line comes out the same
+        self.last_eval = ckpt.get("last_eval") or {"kind": "eval", "step": -1, "val_loss": ckpt.get("val_loss")}
+        self.saved_step = ckpt["step"]
+        if self.procs.lead:
+            keep_log_until(self.log_path, self.step)
+
+    def __enter__(self):
+        if self.procs.lead:
+            self.log = open(self.log_path, "a" if self.saved_step is not None else "w", encoding="utf-8")
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.handlers[sig] = signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        self.bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.extra.get("stage", "train"),
+                        unit="step", dynamic_ncols=True, disable=not self.procs.lead)
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
+        for sig, old in self.handlers.items():
+            signal.signal(sig, old)
+
+    def clock(self):
+        """This process's own progress, from 0 to 1: the larger of steps / max_steps and time / budget."""
+        by_time = (time.time() - self.t_start) / max(self.budget - self.reserve, 1e-9) if self.budget else 0.0
+        return max(self.step / self.cfg.max_steps, by_time)
+
+    def going(self):
+        """True while the run goes on. The progress and a signal are agreed by all processes (the largest wins),
+        so that every one of them uses the same LR and stops at the same step. A signal saves and stops."""
+        self.progress, signalled = self.procs.largest(self.clock(), float(bool(self.signals)))
+        if signalled:
+            self.save()
+            name = signal.Signals(self.signals[0]).name if self.signals else "a signal to another process"
+            raise TrainingStopped(f"{name} at step {self.step}: checkpoint saved in {self.ckpt_path}", self.out_dir,
+                                  exit_code=128 + (self.signals[0] if self.signals else signal.SIGTERM))
+        self.t_step = time.time()  # the step's own time, for tokens per second
+        return self.progress < 1
+
+    def set_lr(self, opt):
+        if self.step == self.cfg.warmup_steps and self.warm_progress is None:
+            self.warm_progress = self.progress  # the cosine starts at its top from here
+        lr = lr_at(self.step, self.progress, self.cfg, self.warm_progress or 0.0)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def after_step(self, loss, lr, n_tokens):
+        """Count the step; stop on a loss that is not finite; log every log_every steps; eval and save when due."""
+        if not math.isfinite(loss):
+            raise TrainingStopped(
+                f"loss is {loss} at step {self.step + 1}: training diverged and stopped. The last good checkpoint "
+                f"(step {self.saved_step}) stays in {self.ckpt_path}; try a lower --lr or a longer --warmup-steps",
+                self.out_dir, exit_code=1, resumable=False)
+        self.step += 1
+        self.tokens += n_tokens
+        self.window.append(loss)
+        self.t_window += time.time() - self.t_step
+        self.bar.update(1)
+        if self.budget and self.progress > self.step / self.cfg.max_steps:  # the clock ends it: show its estimated length
+            self.bar.total = max(self.step, round(self.step / max(self.progress, 1e-9)))
+        if self.step % self.cfg.log_every == 0:
+            mean, rate = sum(self.window) / len(self.window), len(self.window) * n_tokens / max(self.t_window, 1e-9)
+            self.emit({"kind": "train", "step": self.step, "loss": mean, "lr": lr, "tok_per_s": round(rate)})
+            self.bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
+            self.window, self.t_window = [], 0.0
+        if self.step % self.cfg.eval_every == 0 or self.step % self.cfg.sample_every == 0:
+            self.evaluate_and_save()
+
+    def finish(self):
+        """The last eval (unless the last step had one), then the loss plot."""
+        if self.last_eval["step"] != self.step:
+            self.evaluate_and_save()
+        if self.procs.lead:
+            plot_losses(self.log_path, os.path.join(self.out_dir, "loss.png"),
+                        title=f"{self.extra.get('stage', 'training')}: loss")
+
+    def emit(self, record):
+        if not self.procs.lead:
+            return
+        self.log.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.log.flush()
+        if self.on_event:
+            self.on_event(record)
+
+    def evaluate_and_save(self):
+        """Process 0 measures the val loss (and the stage's metrics, and samples when due) and logs them; then
+        every process takes part in the checkpoint."""
+        t = time.time()
+        self.last_eval = {"kind": "eval", "step": self.step}
+        if self.procs.lead:
+            self.last_eval.update({"val_loss": evaluate_loss(self.model, self.val_batches, self.procs.device),
+                                   "elapsed_s": round(t - self.t_start, 1), "tokens": self.tokens})
+            if self.metrics is not None:
+                self.last_eval.update(self.metrics(self.model, self.step))
+            self.emit(self.last_eval)
+            if self.sample is not None and (self.step % self.cfg.sample_every == 0 or self.clock() >= 1):
+                self.emit({"kind": "sample", "step": self.step, **self.sample(self.model, self.step)})
+        # keep time at the end of the budget for the last eval (at most a quarter of the budget)
+        self.reserve = self.procs.largest(min(max(self.reserve, time.time() - t), self.budget / 4))[0]
+        self.save()
+
+    def save(self):
+        """A checkpoint of everything a resumed run needs, in every process (each one's random state included)."""
+        rng = self.procs.rng_states()
+        if self.procs.lead:
+            save_checkpoint(self.ckpt_path, {
+                **self.extra, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "train_config": asdict(self.cfg), "step": self.step, "tokens": self.tokens,
+                "elapsed_s": time.time() - self.t_start, "reserve": self.reserve, "window": list(self.window),
+                "warm_progress": self.warm_progress, "last_eval": json.loads(json.dumps(self.last_eval)),
+                "val_loss": self.last_eval.get("val_loss"), "rng": {**rng, "data": self.data_gen.get_state()}})
+        self.saved_step = self.step
+
+
+def keep_log_until(path, step):
+    """Cut the log back to the records up to step, what a run resumed from that step's checkpoint keeps. The new
+    log goes to a temporary file that is renamed into place: a kill meanwhile leaves the old log whole. A torn
+    last line (the process was killed while writing it) is dropped."""
     if not os.path.exists(path):
-        return []
+        return
     with open(path, encoding="utf-8") as f:
-        return [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                warnings.warn(f"{path}: line {i + 1} is damaged and left out")
+            continue
+        if record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    replace_durably(path, lambda f: f.write("".join(kept).encode("utf-8")))
+
+
+class CompiledOrNot(torch.nn.Module):
+    """torch.compile(model), falling back to the model itself where compiling fails: it needs a C++ compiler on a
+    CPU (Triton on a GPU). The failed batch is run again uncompiled."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.compiled = model, torch.compile(model)
+
+    def forward(self, *args, **kw):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kw)
+            except Exception as e:
+                warnings.warn(f"torch.compile failed ({type(e).__name__}); training without it, or pass --no-compile")
+                self.compiled = None
+        return self.model(*args, **kw)
+
+
+class Processes:
+    """This process among the ones torchrun started (rank 0 of 1 without torchrun, where every method is trivial).
+    Every process draws the same batch and trains on its rows of it; these are the numbers they must agree on."""
+
+    def __init__(self, device, batch_size):
+        self.device = device
+        self.rank, self.world = distributed(device)
+        self.lead = self.rank == 0
+        if batch_size % self.world:
+            raise ValueError(f"batch_size {batch_size} does not split evenly over {self.world} processes")
+
+    def wrap(self, model):
+        return DDP(model) if self.world > 1 else model
+
+    def rows(self, batch):
+        """This process's rows of the whole batch, on its device."""
+        return tuple(t[self.rank::self.world].to(self.device) for t in batch)
+
+    def share(self, count):
+        """The weight of this process's mean loss: its count over the mean count of all processes. DDP averages
+        the gradients, so the weighted means average to the loss over all counted targets of the global batch."""
+        if self.world == 1:
+            return 1.0
+        total = count.detach().to(torch.float32).clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return count.to(torch.float32) * self.world / total
+
+    def mean(self, value):
+        if self.world == 1:
+            return value
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG)
+        return value
+
+    def largest(self, *values):
+        """Each value's largest over all processes, in one call."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def rng_states(self):
+        """The random states of every process (dropout draws from them), for the checkpoint."""
+        mine = {"torch": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.startswith("cuda") else {})}
+        every = [mine]
+        if self.world > 1:
+            every = [None] * self.world
+            dist.all_gather_object(every, mine)
+        return {**every[0], "ranks": every}
+
+    def set_rng_state(self, rng, fallback_seed):
+        """Each process takes its own saved state back; a run resumed on another number of processes seeds afresh."""
+        ranks = rng.get("ranks", [rng])
+        if len(ranks) != self.world:
+            warnings.warn(f"saved by {len(ranks)} processes, resumed by {self.world}: dropout draws new masks")
+            torch.manual_seed(fallback_seed + self.rank)
+            return
+        torch.set_rng_state(ranks[self.rank]["torch"].cpu())
+        if "cuda" in ranks[self.rank] and self.device.startswith("cuda"):
+            torch.cuda.set_rng_state(ranks[self.rank]["cuda"].cpu(), self.device)
 
 
 def distributed(device):
@@ -155,169 +419,39 @@ def distributed(device):
     return dist.get_rank(), world
 
 
-def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=None, metrics=None, on_event=None,
-          device="cpu", resume_from=None):
-    """Train model in place; returns the last eval record.
-
-    get_batch(generator) -> (x, y) on the CPU, the whole batch; val_batches: a fixed list of (x, y);
-    checkpoint_extra: dict stored in every checkpoint (configs, tokenizer, stage);
-    sample(model, step) -> dict of samples to log; metrics(model, step) -> dict added to each eval record;
-    on_event(record) sees every log record; resume_from: a checkpoint dict of this run to continue.
-    SIGINT / SIGTERM save a checkpoint and raise TrainingStopped; so does a loss that is not finite.
-    Under torchrun each process trains on its share of every batch; process 0 evaluates, logs and saves."""
-    rank, world = distributed(device)
-    lead = rank == 0
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes")
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
-    torch.manual_seed(cfg.seed)
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # the same in every process: each takes its rows of one batch
-    model.to(device).train()
-    opt = make_optimizer(model, cfg)
-    amp = autocast_dtype(cfg.dtype, device)  # eval and sampling stay in float32
-    plain_model = DDP(model) if world > 1 else model  # DDP averages the gradients of all processes in backward()
-    step_model = torch.compile(plain_model) if cfg.compile else plain_model
-    step, tokens, elapsed, reserve, window, t_window = 0, 0, 0.0, 0.0, [], 0.0
-    kept_log, warm_progress = [], None
-    if resume_from is not None:
-        model.load_state_dict(resume_from["model"])
-        opt.load_state_dict(resume_from["optimizer"])
-        torch.set_rng_state(resume_from["rng"]["torch"].cpu())
-        if "cuda" in resume_from["rng"] and device.startswith("cuda"):  # dropout on a GPU draws from the GPU's generator
-            torch.cuda.set_rng_state(resume_from["rng"]["cuda"].cpu(), device)
-        data_gen.set_state(resume_from["rng"]["data"].cpu())
-        step, tokens, elapsed, reserve = resume_from["step"], resume_from["tokens"], resume_from["elapsed_s"], resume_from["reserve"]
-        warm_progress = resume_from.get("warm_progress")
-        window = list(resume_from["window"])  # losses since the last log line, so that line comes out the same
-        kept_log = _read_log_until(log_path, step)
-    if lead:
-        log = open(log_path, "w", encoding="utf-8")
-        log.writelines(kept_log)
-    budget = cfg.max_minutes * 60
-    t_start = time.time() - elapsed  # the time budget counts the time before an interruption too
-    last_eval = next((r for r in map(json.loads, reversed(kept_log)) if r["kind"] == "eval"), None)
-    saved_step = resume_from["step"] if resume_from is not None else None
-
-    def emit(record):
-        log.write(json.dumps(record, ensure_ascii=False) + "\n")
-        log.flush()
-        if on_event:
-            on_event(record)
-
-    def progress():
-        by_time = (time.time() - t_start) / max(budget - reserve, 1e-9) if budget else 0.0
-        return max(step / cfg.max_steps, by_time)
-
-    def agree(value):
-        """The largest value over all processes, so that they all stop (or go on) together."""
-        if world == 1:
-            return value
-        t = torch.tensor([float(value)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
-
-    def save():
-        nonlocal saved_step
-        if lead:
-            save_checkpoint(ckpt_path, {
-                **checkpoint_extra, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "train_config": asdict(cfg), "step": step, "tokens": tokens, "elapsed_s": time.time() - t_start,
-                "reserve": reserve, "window": list(window), "warm_progress": warm_progress, "val_loss": last_eval["val_loss"] if last_eval else None,
-                "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
-                        **({"cuda": torch.cuda.get_rng_state(device)} if device.startswith("cuda") else {})},
-            })
-        saved_step = step
-
-    def checkpoint_and_eval():
-        nonlocal last_eval, reserve
-        t = time.time()
-        if lead:
-            last_eval = {"kind": "eval", "step": step, "val_loss": evaluate_loss(model, val_batches, device),
-                         "elapsed_s": round(t - t_start, 1), "tokens": tokens}
-            if metrics is not None:
-                last_eval.update(metrics(model, step))
-            emit(last_eval)
-            if sample is not None and (step % cfg.sample_every == 0 or progress() >= 1):
-                emit({"kind": "sample", "step": step, **sample(model, step)})
-        else:
-            last_eval = {"kind": "eval", "step": step}
-        # keep time at the end of the budget for the last eval (at most a quarter of the budget)
-        reserve = agree(min(max(reserve, time.time() - t), budget / 4))
-        save()
-
-    signals = []
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, lambda signum, frame: signals.append(signum))
-    bar = None
+def cpu_has_bfloat16():
+    """True where the CPU has bfloat16 instructions (AVX512-BF16 or AMX), as Linux reports them."""
     try:
-        if last_eval is None:
-            checkpoint_and_eval()  # step 0: what the model does before any training
-        bar = tqdm(total=cfg.max_steps, initial=step, desc=checkpoint_extra.get("stage", "train"), unit="step",
-                   dynamic_ncols=True, disable=not lead)
-        while not agree(progress() >= 1 or bool(signals)):
-            t0 = time.time()
-            if step == cfg.warmup_steps and warm_progress is None:
-                warm_progress = progress()  # the cosine starts at its top from here
-            lr = lr_at(step, progress(), cfg, warm_progress or 0.0)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x, y = get_batch(data_gen)
-            x, y = x[rank::world].to(device), y[rank::world].to(device)  # this process's rows of the batch
-            try:
-                with torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
-                    _, loss = step_model(x, y)
-            except Exception as e:  # torch.compile needs a C++ compiler (or Triton on GPU): without one, go on uncompiled
-                if step_model is plain_model:
-                    raise
-                warnings.warn(f"torch.compile failed ({type(e).__name__}); training without it, or pass --no-compile")
-                step_model = plain_model
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:  # the logged loss is the mean over all processes
-                loss = loss.detach().clone()
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingStopped(
-                    f"loss is {loss_value} at step {step + 1}: training diverged and stopped. The last good checkpoint "
-                    f"(step {saved_step}) stays in {ckpt_path}; try a lower --lr or a longer --warmup-steps",
-                    out_dir, exit_code=1, resumable=False)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            tokens += x.numel() * world
-            window.append(loss_value)
-            t_window += time.time() - t0
-            bar.update(1)
-            if budget and progress() > step / cfg.max_steps:  # the clock ends this run: show its estimated length
-                bar.total = max(step, round(step / progress()))
-            if step % cfg.log_every == 0:
-                rate = len(window) * x.numel() * world / max(t_window, 1e-9)
-                if lead:
-                    emit({"kind": "train", "step": step, "loss": sum(window) / len(window), "lr": lr, "tok_per_s": round(rate)})
-                bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
-                window, t_window = [], 0.0
-            if step % cfg.eval_every == 0 or step % cfg.sample_every == 0:
-                checkpoint_and_eval()
-        if agree(bool(signals)):
-            save()
-            name = signal.Signals(signals[0]).name if signals else "a signal to another process"
-            raise TrainingStopped(f"{name} at step {step}: checkpoint saved in {ckpt_path}", out_dir,
-                                  exit_code=128 + (signals[0] if signals else signal.SIGTERM))
-        if last_eval["step"] != step:
-            checkpoint_and_eval()
-    finally:
-        if bar is not None:
-            bar.close()
-        if lead:
-            log.close()
-        for sig, old in handlers.items():
-            signal.signal(sig, old)
-    if lead:
-        plot_losses(log_path, os.path.join(out_dir, "loss.png"), title=f"{checkpoint_extra.get('stage', 'training')}: loss")
-    return last_eval
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(name, device):
+    """The autocast dtype for training (None: plain float32). 'auto' picks bfloat16 where the hardware has it."""
+    kind = device.split(":")[0]
+    if name == "bfloat16" or (name == "auto" and kind == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    if name == "auto" and kind == "cpu" and cpu_has_bfloat16():
+        return torch.bfloat16
+    return None
+
+
+def pick_device(name="auto"):
+    """'auto' takes cuda, then mps, then cpu; any other name must be available here.
+    Under torchrun, 'auto' and 'cuda' give each process the GPU of its local rank."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return "mps" if torch.backends.mps.is_available() else "cpu"
+        name = "cuda"
+    if name == "cuda" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    base = name.split(":")[0]
+    if base not in ok:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    if not ok[base]:
+        raise ValueError(f"device {name!r} is not available on this machine; use --device cpu or auto")
+    return name

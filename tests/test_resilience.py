@@ -57,11 +57,15 @@ def test_interrupted_run_resumes_to_the_same_weights_and_losses(tmp_path, monkey
     assert f"step {stop_step}" in err and "--resume --out-dir" in err
     assert torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)["step"] == stop_step
     monkeypatch.undo()
+    with open(os.path.join(part, "log.jsonl"), "a", encoding="utf-8") as f:
+        f.write('{"kind": "train", "st')  # a line torn by a kill mid-write: resume drops it
     train_pretrain.main(TINY + ["--out-dir", part, "--resume"])
     a, b = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True), torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == 24
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert losses(full) == losses(part)
+    with open(os.path.join(full, "log.jsonl"), encoding="utf-8") as f, open(os.path.join(part, "log.jsonl"), encoding="utf-8") as g:
+        assert [(r["kind"], r["step"]) for r in map(json.loads, f)] == [(r["kind"], r["step"]) for r in map(json.loads, g)]
 
 
 @pytest.mark.slow
@@ -189,3 +193,20 @@ def test_save_checkpoint_replaces_in_one_step(tmp_path, monkeypatch):
     assert len(synced) == 2  # the file before the rename, the folder after it
     save_checkpoint(path, {"step": 2})
     assert torch.load(path, weights_only=True)["step"] == 2 and not os.path.exists(path + ".tmp")
+
+
+def test_resume_cuts_the_log_back_in_one_rename_and_drops_a_torn_line(tmp_path, monkeypatch):
+    from minigpt.train import keep_log_until
+    path = tmp_path / "log.jsonl"
+    lines = [json.dumps({"kind": "train", "step": s, "loss": 1.0}) + "\n" for s in (5, 10, 15)]
+    path.write_text("".join(lines) + '{"kind": "train", "st', encoding="utf-8")
+    keep_log_until(str(path), 10)
+    assert path.read_text(encoding="utf-8") == "".join(lines[:2])
+    path.write_text("".join(lines), encoding="utf-8")
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # as if killed between writing the new log and renaming it
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        keep_log_until(str(path), 5)
+    assert path.read_text(encoding="utf-8") == "".join(lines)  # the old log, whole
