@@ -1,0 +1,170 @@
+"""Instruction tasks as data: FLAN in miniature. Each task is its phrasings (natural instructions in the corpus's
+traditional characters, some kept back for evaluation only), how an example is made from a real poem, and a checker
+that says by program whether an answer complies. Whatever trains or measures tasks iterates over TASKS and never
+names one; adding a task touches this file only.
+"""
+from dataclasses import dataclass, field
+from typing import Callable
+
+from minigpt.data import MEANINGLESS_TITLES, PUNCTUATION, clauses, clean_title, is_regular
+from minigpt.evaluate import content_chars, first_poem, line_endings
+
+# the four regular forms: characters per clause and couplets (lines); 絕句 has 2 couplets, 律詩 4
+FORMS = {"五言絕句": (5, 2), "七言絕句": (7, 2), "五言律詩": (5, 4), "七言律詩": (7, 4)}
+
+
+def form_of(text):
+    """The regular form of a poem (one of FORMS), or None if it has none."""
+    if not is_regular(text):
+        return None
+    lines = text.split("\n")
+    size = (len(clauses(lines[0])[0]), len(lines))
+    return next((name for name, s in FORMS.items() if s == size), None)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instance of a task: <INS>instruction<INP>input<RES>answer<END>. want holds what the checker compares
+    against (a form, the head characters, a rhyme group ...); answer is the real poem's, the training target."""
+    task: str
+    instruction: str
+    input: str
+    answer: str
+    want: object = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """make(title, body, rhyme_groups) -> (fields for the phrasing, input, answer, want), or None where the poem does
+    not suit the task; check(answer, example) -> bool. Examples whose want is in never_trained are left out of
+    training (an unseen combination)."""
+    name: str
+    phrasings: tuple  # used in training (and measured as "seen")
+    held_out: tuple  # never trained on: measured as "unseen phrasings"
+    make: Callable
+    check: Callable
+    never_trained: tuple = field(default=())
+
+    def example(self, title, body, rhyme_groups, k, held_out=False):
+        """The example this poem gives, phrased by the k-th phrasing (cycling) of the trained or held-out list."""
+        made = self.make(clean_title(title), body, rhyme_groups)
+        if made is None:
+            return None
+        fields, input_text, answer, want = made
+        phrasings = self.held_out if held_out else self.phrasings
+        return Example(self.name, phrasings[k % len(phrasings)].format(**fields), input_text, answer, want)
+
+
+# ---- the checkers: pure functions of an answer and its example ----
+
+def is_poem(answer, example=None):
+    """Complies with 'write a poem': one regular poem (絕句 or 律詩 in shape), nothing after it."""
+    return answer == first_poem(answer) and is_regular(answer)
+
+
+def has_form(answer, example):
+    """The answer is one poem of the asked form."""
+    return answer == first_poem(answer) and form_of(answer) == example.want
+
+
+def head_hits(answer, heads):
+    """How many clauses start with the head character asked for at their place (at most len(heads))."""
+    return sum(c[:1] == h for c, h in zip(clauses(first_poem(answer)), heads))
+
+
+def has_heads(answer, example):
+    """An acrostic: as many clauses as heads, each starting with its head, in a regular poem."""
+    return is_regular(answer) and len(clauses(answer)) == len(example.want) and head_hits(answer, example.want) == len(example.want)
+
+
+def continues(answer, example):
+    """The answer finishes the given couplet into a regular poem of the same form (絕句 or 律詩 length)."""
+    return answer == first_poem(answer) and form_of(example.input + "\n" + answer) is not None
+
+
+def names_poem(answer, example):
+    """A title: one short line without verse punctuation that shares a content character with the poem
+    (the table sets the same check against other poems beside it)."""
+    return (0 < len(answer) <= 12 and "\n" not in answer and not PUNCTUATION.search(answer)
+            and bool(content_chars(answer) & set(example.input)))
+
+
+def rhymes_with(answer, example):
+    """A regular poem whose line endings are different characters, all in the asked rhyme's group."""
+    ends = line_endings(answer)
+    return is_poem(answer) and len(set(ends)) == len(ends) and all(c in example.want for c in ends)
+
+
+# ---- how each task makes an example from a real poem ----
+
+def _title_ok(title):
+    return title not in MEANINGLESS_TITLES
+
+
+def make_poem(title, body, groups):
+    return ({}, title, body, None) if _title_ok(title) and is_regular(body) else None
+
+
+def make_form(title, body, groups):
+    form = form_of(body)
+    return ({"form": form}, title, body, form) if form and _title_ok(title) else None
+
+
+def make_acrostic(title, body, groups):
+    if not (_title_ok(title) and is_regular(body)):
+        return None
+    heads = "".join(c[0] for c in clauses(body))
+    return {"heads": heads}, title, body, heads
+
+
+def make_continuation(title, body, groups):
+    if not is_regular(body):
+        return None
+    first, rest = body.split("\n", 1)
+    return {}, first, rest, None
+
+
+def make_naming(title, body, groups):
+    if not (_title_ok(title) and len(title) <= 12 and not PUNCTUATION.search(title) and content_chars(title) & set(body)):
+        return None  # only titles the checker would pass: the model learns titles that name what the poem holds
+    return {}, body, title, None
+
+
+def make_rhyme(title, body, groups):
+    ends = line_endings(body)
+    if not (_title_ok(title) and is_regular(body)) or len(set(ends)) != len(ends):
+        return None
+    group = {groups.get(c) for c in ends}
+    if len(group) != 1 or None in group:
+        return None  # only poems whose endings all fall in one learnt group
+    members = frozenset(c for c, g in groups.items() if g in group)
+    return {"rhyme": ends[-1]}, title, body, members
+
+
+TASKS = (
+    Task("poem", ("請用以下題目寫一首詩", "以下面的題目作一首詩", "寫一首詩，題目如下"),
+         ("根據這個題目寫詩", "下面是題目，請寫一首詩"), make_poem, is_poem),
+    Task("form", ("請用以下題目寫一首{form}", "寫一首{form}，題目如下", "以下面的題目作{form}一首"),
+         ("照這個題目寫成{form}", "題目在下面，體裁是{form}，請寫"), make_form, has_form, never_trained=("七言絕句",)),
+    Task("acrostic", ("寫一首藏頭詩，每句開頭依次是{heads}", "以{heads}為每句的第一個字寫一首詩", "藏頭詩，句首用字：{heads}"),
+         ("每句第一個字分別用{heads}，寫一首詩", "作詩一首，句首藏{heads}"), make_acrostic, has_heads),
+    Task("continuation", ("接著寫完這首詩", "續寫下面的詩句", "這是一首詩的開頭，請寫完"),
+         ("把這首詩補完整", "後面該怎麼寫？請續完"), make_continuation, continues),
+    Task("naming", ("為這首詩取一個題目", "給下面的詩起個標題", "這首詩的題目是什麼"),
+         ("請替這首詩擬題", "下面這首詩該叫什麼題目"), make_naming, names_poem),
+    Task("rhyme", ("寫一首詩，押{rhyme}韻", "以{rhyme}字為韻寫一首詩", "用{rhyme}的韻寫詩，題目如下"),
+         ("作詩一首，韻腳用{rhyme}", "請寫詩，要和{rhyme}字同韻"), make_rhyme, rhymes_with),
+)
+BY_NAME = {t.name: t for t in TASKS}
+
+
+def examples(poems, tasks, rhyme_groups, held_out=False, train=True):
+    """Every example the poems give for the tasks, phrasings taken in turn. train=True leaves out each task's
+    never-trained combinations; held_out=True phrases them with the held-out phrasings."""
+    out = []
+    for i, p in enumerate(poems):
+        for task in tasks:
+            ex = task.example(p.title, p.body, rhyme_groups, i, held_out)
+            if ex is not None and not (train and ex.want in task.never_trained):
+                out.append(ex)
+    return out

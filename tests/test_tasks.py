@@ -1,0 +1,109 @@
+"""The instruction tasks: forms, each checker on hand-made answers, how examples are made and phrased, what is held out."""
+import pytest
+
+from minigpt.data import Poem
+from minigpt.tasks import BY_NAME, TASKS, Example, examples, form_of, head_hits
+
+WUJUE = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"
+QIJUE = "朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，輕舟已過萬重山。"
+WULU = "國破山河在，城春草木深。\n感時花濺淚，恨別鳥驚心。\n烽火連三月，家書抵萬金。\n白頭搔更短，渾欲不勝簪。"
+QILU = ("風急天高猿嘯哀，渚清沙白鳥飛回。\n無邊落木蕭蕭下，不盡長江滾滾來。\n"
+        "萬里悲秋常作客，百年多病獨登臺。\n艱難苦恨繁霜鬢，潦倒新亭濁酒杯。")
+GROUPS = {"流": 1, "樓": 1, "州": 1, "深": 2, "心": 2, "金": 2, "簪": 2, "盡": 3}
+
+
+def ex(task, input_text="", want=None):
+    return Example(task, "", input_text, "", want)
+
+
+def test_the_four_forms_are_told_apart():
+    assert [form_of(p) for p in (WUJUE, QIJUE, WULU, QILU)] == ["五言絕句", "七言絕句", "五言律詩", "七言律詩"]
+    assert form_of("白日依山盡，黃河入海流。") is None  # one couplet
+    assert form_of(WUJUE.replace("海", "大海")) is None  # a six-character clause
+    assert form_of(WUJUE + "\n" + QIJUE.split("\n")[0]) is None  # five- and seven-character couplets mixed
+
+
+def test_poem_and_form_checkers():
+    poem, form = BY_NAME["poem"].check, BY_NAME["form"].check
+    assert poem(WUJUE, ex("poem")) and poem(QILU, ex("poem"))
+    assert not poem(WUJUE + "\n\n登樓\n" + WUJUE, ex("poem"))  # runs on into a second poem
+    assert not poem("白日依山盡黃河入海流", ex("poem"))
+    assert form(QIJUE, ex("form", want="七言絕句")) and not form(WUJUE, ex("form", want="七言絕句"))
+    assert not form(QIJUE + "\n\n又\n" + QIJUE, ex("form", want="七言絕句"))
+
+
+def test_acrostic_checker_counts_heads_in_order():
+    want = "白黃欲更"
+    assert BY_NAME["acrostic"].check(WUJUE, ex("acrostic", want=want))
+    assert head_hits(WUJUE, want) == 4 and head_hits(WUJUE, "白黃更欲") == 2
+    assert not BY_NAME["acrostic"].check(WUJUE, ex("acrostic", want="白黃更欲"))
+    assert not BY_NAME["acrostic"].check(WULU, ex("acrostic", want=want))  # eight clauses for four heads
+
+
+def test_continuation_keeps_the_form_of_the_given_couplet():
+    first, rest = WULU.split("\n", 1)
+    check = BY_NAME["continuation"].check
+    assert check(rest, ex("continuation", first))
+    assert check(rest.split("\n")[0], ex("continuation", first))  # two couplets in all: a 五言絕句, a regular length
+    assert not check(QILU.split("\n", 1)[1], ex("continuation", first))  # seven characters after five
+    assert not check(rest.split("\n", 1)[1], ex("continuation", first))  # three couplets: neither 絕句 nor 律詩
+
+
+def test_naming_checker_wants_a_short_title_about_the_poem():
+    check = BY_NAME["naming"].check
+    assert check("登樓", ex("naming", WUJUE)) and check("黃河", ex("naming", WUJUE))
+    assert not check("春夜喜雨", ex("naming", WUJUE))  # nothing of it in the poem
+    assert not check("白日依山盡，黃河入海流。", ex("naming", WUJUE))  # a line of verse, not a title
+    assert not check("登樓\n登樓", ex("naming", WUJUE)) and not check("", ex("naming", WUJUE))
+
+
+def test_rhyme_checker_uses_the_asked_group():
+    check = BY_NAME["rhyme"].check
+    group_1 = frozenset(c for c, g in GROUPS.items() if g == 1)
+    assert check(WUJUE, ex("rhyme", want=group_1))
+    assert not check(WULU, ex("rhyme", want=group_1))  # it rhymes, in another group
+    assert not check(WUJUE.replace("樓", "流"), ex("rhyme", want=group_1))  # the same ending twice
+
+
+def test_examples_are_phrased_and_keep_the_unseen_combination_out_of_training():
+    poems = [Poem(title, "", tuple(body.split("\n")))
+             for title, body in [("登鸛雀樓", WUJUE), ("早發白帝城", QIJUE), ("春望", WULU), ("登高", QILU)]]
+    train = examples(poems, TASKS, GROUPS)
+    forms = [e for e in train if e.task == "form"]
+    assert [e.want for e in forms] == ["五言絕句", "五言律詩", "七言律詩"]  # no 七言絕句 is asked for in training
+    assert all(e.want in e.instruction for e in forms)
+    held = [e for e in examples(poems, TASKS, GROUPS, held_out=True, train=False) if e.task == "form"]
+    assert "七言絕句" in [e.want for e in held]
+    assert all(e.instruction not in BY_NAME["form"].phrasings for e in held)
+    acrostic = next(e for e in train if e.task == "acrostic" and e.answer == WUJUE)
+    assert acrostic.want == "白黃欲更" and "白黃欲更" in acrostic.instruction and acrostic.input == "登鸛雀樓"
+    cont = next(e for e in train if e.task == "continuation" and e.answer.startswith("感時"))
+    assert cont.input == "國破山河在，城春草木深。"
+    naming = next(e for e in train if e.task == "naming" and e.answer == "登鸛雀樓")
+    assert naming.input == WUJUE
+    rhyme = [e for e in train if e.task == "rhyme"]
+    assert [e.answer for e in rhyme] == [WUJUE, WULU] and "樓" in rhyme[0].instruction  # 登高's endings are not grouped
+    for e in train:  # every real answer complies with its own task
+        assert BY_NAME[e.task].check(e.answer, e), e
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
+def test_every_task_has_held_out_phrasings(task):
+    assert len(task.phrasings) >= 3 and len(task.held_out) >= 2
+    assert not set(task.phrasings) & set(task.held_out)
+
+
+def test_the_first_poem_phrasing_is_the_single_task_instruction():
+    from minigpt.data import TITLE_TO_POEM
+    assert BY_NAME["poem"].phrasings[0] == TITLE_TO_POEM.instruction
+
+
+@pytest.mark.slow
+def test_every_phrasing_is_written_in_the_corpus_characters():
+    """So that a model pretrained on the corpus reads every instruction without an unknown character."""
+    from minigpt.data import build_tokenizer, load_poems, split_poems
+    vocab = set(build_tokenizer(split_poems(load_poems())["train"]).itos)
+    for task in TASKS:
+        for phrasing in task.phrasings + task.held_out:
+            missing = {c for c in phrasing.format(form="", heads="", rhyme="") if c not in vocab}
+            assert not missing, (task.name, phrasing, missing)
