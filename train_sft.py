@@ -12,21 +12,22 @@ import os
 from minigpt import cli
 from minigpt.checkpoint import CheckpointError, load_checkpoint
 from minigpt.data import DEFAULT_CORPUS, SFTData, build_tokenizer, load_poems, split_poems
-from minigpt.evaluate import (Yardstick, compare, eval_set, format_table, loss_batches, measure, mentions_title,
+from minigpt.evaluate import (Yardstick, compare, complete, eval_set, format_table, loss_batches, measure, mentions_title,
                               table_note, val_sample, write_answers)
 from minigpt.model import GPT, GPTConfig
 from minigpt.plot import plot_behaviour
+from minigpt.tasks import BY_NAME, TaskData, eval_examples, format_task_table, measure_tasks, parse_tasks, prompt_text
 from minigpt.train import TrainConfig, train
 
 DEMO_TITLES = ["春夜喜雨", "靜夜思"]  # plus the first two val titles
 
 PRESETS = {
     "tiny": dict(batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=2, max_steps=20, eval_every=10, sample_every=10,
-                 eval_batches=2, log_every=5, eval_titles=6, max_new_tokens=40, dtype="float32"),
+                 eval_batches=2, log_every=5, eval_titles=6, max_new_tokens=40, task_examples=3, dtype="float32"),
     "cpu": dict(batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=20, max_steps=5000, max_minutes=4.5, eval_every=200,
-                sample_every=200, eval_batches=8, log_every=10, eval_titles=200, max_new_tokens=256),
+                sample_every=200, eval_batches=8, log_every=10, eval_titles=200, max_new_tokens=256, task_examples=30),
     "gpu": dict(batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=50, max_steps=2000, max_minutes=5.0, eval_every=250,
-                sample_every=250, eval_batches=16, log_every=25, eval_titles=500, max_new_tokens=256),
+                sample_every=250, eval_batches=16, log_every=25, eval_titles=500, max_new_tokens=256, task_examples=100),
 }
 
 
@@ -40,15 +41,21 @@ def main(argv=None):
     parser.add_argument("--train-on-prompt", action="store_true", help="count the prompt in the loss too (default: answer only)")
     parser.add_argument("--eval-titles", type=int, help="val titles measured at every eval; as many test titles in the final table")
     parser.add_argument("--max-new-tokens", type=int, help="longest answer when measuring")
+    parser.add_argument("--tasks", default="poem", help="poem: title -> poem with one instruction (the default); all, or "
+                        f"a comma-separated mix of {', '.join(BY_NAME)}: several tasks, each in several phrasings")
+    parser.add_argument("--task-examples", type=int, help="val examples per task measured at every eval (tasks other than poem)")
     args = parser.parse_args(argv)
     _, cfg, device, extra = cli.resolve(args, PRESETS)
+    tasks = cli.parse_or_usage(parse_tasks, args.tasks)
     n_titles, max_new = args.eval_titles or extra["eval_titles"], args.max_new_tokens or extra["max_new_tokens"]
+    n_task = args.task_examples or extra["task_examples"]
     resumed = cli.resume_point(args)
     if resumed:  # the run goes on with its own settings
         model, tokenizer, ckpt = resumed
         cfg = TrainConfig(**ckpt["train_config"])
         args.init_from, args.data, args.train_on_prompt = ckpt["init_from"], ckpt["data"], ckpt["train_on_prompt"]
         n_titles, max_new = ckpt["eval_titles"], ckpt["max_new_tokens"]
+        args.tasks, n_task = ckpt.get("tasks", "poem"), ckpt.get("task_examples", n_task)
         base, _, _ = load_checkpoint(args.init_from)
         print(f"resuming {args.out_dir} at step {ckpt['step']}")
     else:
@@ -62,21 +69,34 @@ def main(argv=None):
                               "pretrain on this corpus first, or pass the corpus it was trained on with --corpus")
     model_cfg = model.config
     T = model_cfg.block_size
-    data = SFTData(splits["train"], tokenizer, T, regular_only=args.data in ("regular", "relevant"))
-    if args.data == "relevant":
-        data.keep_only(mentions_title, "not_about_title")
+    tasks = parse_tasks(args.tasks)  # a resumed run's own
+    yard = Yardstick(splits["train"])
+    multi = [t.name for t in tasks] != ["poem"]  # several tasks, or one in several phrasings
+    if multi:
+        data = TaskData(splits["train"], tokenizer, T, tasks, yard.rhyme_groups)
+        task_val = eval_examples(splits["val"], tasks, yard.rhyme_groups, n_task, tokenizer, T)
+    else:
+        data = SFTData(splits["train"], tokenizer, T, regular_only=args.data in ("regular", "relevant"))
+        if args.data == "relevant":
+            data.keep_only(mentions_title, "not_about_title")
     if not data.examples:
         raise cli.UsageError(f"no SFT example fits the model's context of {T} tokens; pretrain with a larger --block-size")
-    yard = Yardstick(splits["train"])
     val_poems = val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size)
     val = loss_batches(tokenizer, val_poems, batch_size=cfg.batch_size)  # the loop's val loss: the poem's tokens
     val_set = eval_set(splits["val"], splits["train"], n_titles)
     demo = DEMO_TITLES + val_set.titles[:2]
-    print(f"SFT data ({args.data}): " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
+    print(f"SFT data ({args.tasks if multi else args.data}): " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
     print(f"from {args.init_from} (step {ckpt['step']}): {model.num_params():,} parameters; {len(val_set.titles)} val "
           f"titles measured at every eval ({val_set.left_out} left out: training poems have them); writing to {args.out_dir}")
 
     def sample(m, step):
+        if multi:  # one val example per task, with the whole prompt as the model reads it
+            shown = [exs[0] for name, exs in task_val.items() if exs and ":" not in name]
+            prompts = [prompt_text(ex) for ex in shown]
+            answers = complete(m, tokenizer, prompts, max_new_tokens=max_new)
+            return {"samples": [{"task": ex.task, "prompt": p, "answer": a, "stopped": s,
+                                 "shown": f"{p}\n{a}  ({'stopped at <END>' if s else 'no <END>'})"}
+                                for ex, p, (a, s) in zip(shown, prompts, answers)]}
         answers = write_answers(m, tokenizer, demo, max_new_tokens=max_new)
         return {"samples": [{"title": t, "answer": a, "stopped": s, "length": len(a),
                              "shown": f"[{t}] ({len(a)} chars, {'stopped at <END>' if s else 'no <END>'})\n{a}"}
@@ -84,10 +104,17 @@ def main(argv=None):
 
     extra_ckpt = {"stage": "sft", "model_config": model_cfg.__dict__.copy(), "tokenizer": tokenizer.to_list(),
                   "init_from": os.path.abspath(args.init_from), "data": args.data, "train_on_prompt": args.train_on_prompt,
-                  "eval_titles": n_titles, "max_new_tokens": max_new}
+                  "eval_titles": n_titles, "max_new_tokens": max_new, "tasks": args.tasks, "task_examples": n_task}
+
+    def metrics(m, step):
+        out = measure(m, tokenizer, val_set.titles, yard, val=val, max_new_tokens=max_new)
+        if multi:
+            out["tasks"] = measure_tasks(m, tokenizer, task_val, max_new_tokens=max_new)
+        return out
+
     result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, tokenizer.pad_id, g, args.train_on_prompt), val["poem"],
                    args.out_dir, extra_ckpt, sample=sample,
-                   metrics=lambda m, step: measure(m, tokenizer, val_set.titles, yard, val=val, max_new_tokens=max_new),
+                   metrics=metrics,
                    on_event=cli.print_event, device=device, resume_from=ckpt if resumed else None)
     if not cli.is_lead():
         return result
@@ -99,6 +126,18 @@ def main(argv=None):
     with open(os.path.join(args.out_dir, "table.txt"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     plot_behaviour(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "behaviour.png"))
+    if multi:  # each task on test examples: the base model given the prompt, then the fine-tuned one
+        seen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n_titles, tokenizer, T)
+        unseen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n_titles, tokenizer, T, held_out=True)
+        task_columns = [("base, given the prompt", measure_tasks(base.to(device), tokenizer, seen, max_new, never_stops=True)),
+                        ("fine-tuned, trained phrasings", measure_tasks(model, tokenizer, seen, max_new)),
+                        ("fine-tuned, held-out phrasings", measure_tasks(model, tokenizer, unseen, max_new))]
+        task_table = format_task_table(task_columns, f"({n_titles} test examples per task and column at most; "
+                                       "form:unseen asks for the form never asked for in training, 七言絕句. The base "
+                                       "model never saw <END>: its answer is its first poem.)")
+        print("\n" + task_table)
+        with open(os.path.join(args.out_dir, "tasks.txt"), "w", encoding="utf-8") as f:
+            f.write(task_table + "\n")
     final = dict(columns)["fine-tuned"]
     print(f"done: step {result['step']}, answer val loss {result['val_loss']:.3f}, {result['elapsed_s']:.0f} s; on test "
           f"titles: stop {final['stop_rate']:.0%}, run-on {final['run_on_rate']:.0%}, regular {final['regular_rate']:.0%}; "

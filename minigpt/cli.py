@@ -78,6 +78,9 @@ def print_event(record):
                      f"run-on {record['run_on_rate']:.0%}, regular {record['regular_rate']:.0%}, "
                      f"title lift {100 * record['relevance_lift']:+.0f}, copied {record['copy_rate']:.0%}, "
                      f"repeats {record['repeat_rate']:.0%}, rhymes {rhyme}, length {record['mean_length']:.0f}")
+        if "tasks" in record:
+            line += "\n  tasks on val (complies, stops): " + ", ".join(
+                f"{name} {m['comply']:.0%} {m['stop']:.0%}" for name, m in record["tasks"].items())
         tqdm.write(line)
     elif record["kind"] == "sample":
         tqdm.write(f"---- samples at step {record['step']} ----")
@@ -109,6 +112,14 @@ def run(main_fn, argv, script):
 def is_lead():
     """True in the one process that prints and writes: the only one, or rank 0 under torchrun."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def parse_or_usage(parse, text):
+    """parse(text), with its ValueError reported as a usage error (one line, exit status 2)."""
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def model_config(cls, **kw):

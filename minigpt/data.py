@@ -217,8 +217,12 @@ def is_regular(text):
 def render_sft(tokenizer, title, answer, fmt=TITLE_TO_POEM):
     """(ids, mask): the whole example as ids, and 1 where the id is one the model must learn to write
     (the answer and its <END>), 0 over the prompt. Token i is predicted from tokens before it."""
-    prompt = tokenizer.encode(fmt.prompt(title), unknown="unk")
-    reply = tokenizer.encode(answer + fmt.end, unknown="unk")
+    return render(tokenizer, fmt.prompt(title), answer + fmt.end)
+
+
+def render(tokenizer, prompt, reply):
+    """(ids, mask) of a prompt and the reply that follows it: the mask is 1 over the reply only."""
+    prompt, reply = tokenizer.encode(prompt, unknown="unk"), tokenizer.encode(reply, unknown="unk")
     return prompt + reply, [0] * len(prompt) + [1] * len(reply)
 
 

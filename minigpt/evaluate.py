@@ -54,16 +54,21 @@ def eval_set(held_out, train, n=200):
     return EvalSet(titles, [first[t] for t in titles], len(left_out))
 
 
-def write_answers(model, tokenizer, titles, fmt=TITLE_TO_POEM, max_new_tokens=MAX_NEW_TOKENS, batch_size=100,
-                  temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], seed=SAMPLING["seed"]):
+def write_answers(model, tokenizer, titles, fmt=TITLE_TO_POEM, max_new_tokens=MAX_NEW_TOKENS, **sampling):
     """One answer per title: (text without the stop token, whether it stopped at <END>)."""
+    return complete(model, tokenizer, [fmt.prompt(t) for t in titles], max_new_tokens, **sampling)
+
+
+def complete(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=100,
+             temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], seed=SAMPLING["seed"]):
+    """What the model writes after each prompt text: (text without the stop token, whether it stopped at <END>)."""
     gen = torch.Generator(device=model.tok_emb.weight.device).manual_seed(seed)
     was_training = model.training
     model.eval()
     answers = []
-    for i in range(0, len(titles), batch_size):
-        prompts = [tokenizer.encode(fmt.prompt(t), unknown="unk") for t in titles[i:i + batch_size]]
-        for ids in model.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+    for i in range(0, len(prompts), batch_size):
+        ids_in = [tokenizer.encode(p, unknown="unk") for p in prompts[i:i + batch_size]]
+        for ids in model.generate(ids_in, max_new_tokens, temperature=temperature, top_k=top_k,
                                   stop_ids=[tokenizer.end_id], pad_id=tokenizer.pad_id, generator=gen):
             stopped = bool(ids) and ids[-1] == tokenizer.end_id
             answers.append((tokenizer.decode(ids[:-1] if stopped else ids), stopped))

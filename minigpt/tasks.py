@@ -6,8 +6,11 @@ names one; adding a task touches this file only.
 from dataclasses import dataclass, field
 from typing import Callable
 
-from minigpt.data import MEANINGLESS_TITLES, PUNCTUATION, clauses, clean_title, is_regular
-from minigpt.evaluate import content_chars, first_poem, line_endings
+import collections
+
+from minigpt.data import (MEANINGLESS_TITLES, PUNCTUATION, TITLE_TO_POEM, SFTData, clauses, clean_title, is_regular,
+                          render, spread)
+from minigpt.evaluate import complete, content_chars, first_poem, line_endings, runs_on
 
 # the four regular forms: characters per clause and couplets (lines); 絕句 has 2 couplets, 律詩 4
 FORMS = {"五言絕句": (5, 2), "七言絕句": (7, 2), "五言律詩": (5, 4), "七言律詩": (7, 4)}
@@ -158,6 +161,15 @@ TASKS = (
 BY_NAME = {t.name: t for t in TASKS}
 
 
+def parse_tasks(text):
+    """'all', or names separated by commas -> the tasks, in TASKS order."""
+    names = set(BY_NAME) if text == "all" else {n.strip() for n in text.split(",") if n.strip()}
+    unknown = sorted(names - set(BY_NAME))
+    if unknown or not names:
+        raise ValueError(f"unknown task {', '.join(unknown) or repr(text)}; use all, or some of {', '.join(BY_NAME)}")
+    return tuple(t for t in TASKS if t.name in names)
+
+
 def examples(poems, tasks, rhyme_groups, held_out=False, train=True):
     """Every example the poems give for the tasks, phrasings taken in turn. train=True leaves out each task's
     never-trained combinations; held_out=True phrases them with the held-out phrasings."""
@@ -168,3 +180,73 @@ def examples(poems, tasks, rhyme_groups, held_out=False, train=True):
             if ex is not None and not (train and ex.want in task.never_trained):
                 out.append(ex)
     return out
+
+
+# ---- training and measuring: the same code for every task ----
+
+def prompt_text(example, fmt=TITLE_TO_POEM):
+    """<INS>{instruction}<INP>{input}<RES>: what the model reads before it answers."""
+    return f"{fmt.ins}{example.instruction}{fmt.inp}{example.input}{fmt.res}"
+
+
+class TaskData(SFTData):
+    """The tasks' training examples from one split, rendered with the loss on the answer and <END> only; an
+    example longer than the context is left out whole. counts: kept examples per task, and how many were too long."""
+
+    def __init__(self, poems, tokenizer, block_size, tasks, rhyme_groups, fmt=TITLE_TO_POEM):
+        self.examples, self.counts = [], collections.Counter()
+        for ex in examples(poems, tasks, rhyme_groups):
+            ids, mask = render(tokenizer, prompt_text(ex, fmt), ex.answer + fmt.end)
+            if len(ids) > block_size + 1:
+                self.counts["too_long"] += 1
+                continue
+            self.examples.append((ids, mask))
+            self.counts[ex.task] += 1
+
+
+def eval_examples(poems, tasks, rhyme_groups, n, tokenizer, block_size, held_out=False):
+    """{name: n examples spread over a held-out split} for each task, phrased with the trained phrasings (or the
+    held-out ones), never-trained combinations included, and whose prompt and real answer fit the context.
+    'form:unseen' holds n examples of the never-trained combinations."""
+    fits = [ex for ex in examples(poems, tasks, rhyme_groups, held_out=held_out, train=False)
+            if len(tokenizer.encode(prompt_text(ex) + ex.answer, unknown="unk")) < block_size]
+    out = {}
+    for task in tasks:
+        out[task.name] = spread([ex for ex in fits if ex.task == task.name and ex.want not in task.never_trained], n)
+        if task.never_trained:
+            out[task.name + ":unseen"] = spread([ex for ex in fits if ex.task == task.name and ex.want in task.never_trained], n)
+    return out
+
+
+def measure_tasks(model, tokenizer, by_task, max_new_tokens=128, never_stops=False):
+    """{task: {comply, stop, run_on}} as fractions: whether each answer passes its task's checker, ended with <END>,
+    and ran on past one answer; the acrostic adds the share of clauses that start with their head character.
+    never_stops: a model that never saw <END> (the base model): its answer is its first poem, as in the title -> poem
+    table, and it has no stop rate."""
+    out = {}
+    for name, exs in by_task.items():
+        if not exs:
+            continue
+        task = BY_NAME[name.split(":")[0]]
+        written = complete(model, tokenizer, [prompt_text(ex) for ex in exs], max_new_tokens)
+        answers = [first_poem(a) if never_stops else a for a, _ in written]
+        out[name] = {"comply": sum(task.check(a, ex) for a, ex in zip(answers, exs)) / len(exs),
+                     "stop": None if never_stops else sum(s for _, s in written) / len(exs),
+                     "run_on": sum(runs_on(a) for a, _ in written) / len(exs)}
+        if task.name == "acrostic":
+            out[name]["heads"] = sum(head_hits(a, ex.want) for a, ex in zip(answers, exs)) / sum(len(ex.want) for ex in exs)
+    return out
+
+def format_task_table(columns, note=""):
+    """columns: [(name, measure_tasks result)] -> a text table, a block of rows per task."""
+    width = 32
+    lines = [" " * width + "".join(f"{name:>32}" for name, _ in columns)]
+    names = list(dict.fromkeys(n for _, col in columns for n in col))
+    for name in names:
+        keys = [k for k in ("comply", "heads", "stop", "run_on") if any(k in col.get(name, {}) for _, col in columns)]
+        for k in keys:
+            label = {"comply": f"{name}: complies", "heads": f"{name}: clauses with their head",
+                     "stop": f"{name}: stops at <END>", "run_on": f"{name}: runs on"}[k]
+            cells = [f"{col[name][k]:.1%}" if col.get(name, {}).get(k) is not None else "—" for _, col in columns]
+            lines.append(f"{label:<{width}}" + "".join(f"{c:>32}" for c in cells))
+    return "\n".join(lines + ([note] if note else []))

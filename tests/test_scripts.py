@@ -67,8 +67,23 @@ def test_sft_runs_from_the_pretrained_checkpoint(pretrained, tmp_path):
     assert (tmp_path / "behaviour.png").exists() and "title relevance lift" in table and "never saw <END>" in table
 
 
+def test_sft_on_several_tasks_measures_each_one(pretrained, tmp_path):
+    out, _ = pretrained
+    train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(out), "--out-dir", str(tmp_path),
+                    "--device", "cpu", "--tasks", "poem,form,continuation"])
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl", encoding="utf-8")]
+    evals = [r for r in log if r["kind"] == "eval"]
+    assert {"poem", "form", "continuation"} <= set(evals[-1]["tasks"]) <= {"poem", "form", "form:unseen", "continuation"}
+    samples = [r for r in log if r["kind"] == "sample"][-1]["samples"]
+    assert [s["task"] for s in samples] == ["poem", "form", "continuation"] and all(s["prompt"].startswith("<INS>") for s in samples)
+    table = (tmp_path / "tasks.txt").read_text(encoding="utf-8")
+    assert "held-out phrasings" in table and "form: complies" in table and "continuation: runs on" in table
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["tasks"] == "poem,form,continuation"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--init-from", "/nonexistent/run"], "no checkpoint"),
+    (["--tasks", "haiku"], "unknown task haiku"),
     (["--n-head", "3"], None),
 ])
 def test_sft_user_errors_exit_2_with_one_line(pretrained, tmp_path, capsys, argv, message):

@@ -107,3 +107,61 @@ def test_every_phrasing_is_written_in_the_corpus_characters():
         for phrasing in task.phrasings + task.held_out:
             missing = {c for c in phrasing.format(form="", heads="", rhyme="") if c not in vocab}
             assert not missing, (task.name, phrasing, missing)
+
+
+def test_parse_tasks_names_the_choices():
+    from minigpt.tasks import parse_tasks
+    assert [t.name for t in parse_tasks("all")] == [t.name for t in TASKS]
+    assert [t.name for t in parse_tasks("rhyme, poem")] == ["poem", "rhyme"]  # in TASKS order
+    with pytest.raises(ValueError, match="unknown task haiku; use all, or some of poem, form"):
+        parse_tasks("poem,haiku")
+
+
+def test_task_data_trains_on_the_answer_only_and_drops_what_does_not_fit(tokenizer):
+    from minigpt.tasks import TaskData, prompt_text
+    poems = [Poem("登高", "", tuple(WUJUE.split("\n"))), Poem("春望", "", tuple(WULU.split("\n")))]
+    data = TaskData(poems, tokenizer, 64, [BY_NAME["poem"], BY_NAME["continuation"]], GROUPS)
+    assert data.counts == {"poem": 1, "continuation": 2, "too_long": 1}  # 春望 as a poem: 79 tokens > 64
+    ex = BY_NAME["continuation"].example("春望", WULU, GROUPS, 0)
+    ids, mask = next((i, m) for i, m in data.examples if len(i) == len(tokenizer.encode(prompt_text(ex) + ex.answer + "<END>", unknown="unk")))
+    n_prompt = len(tokenizer.encode(prompt_text(ex), unknown="unk"))
+    assert mask == [0] * n_prompt + [1] * (len(ids) - n_prompt)
+
+
+def test_measure_tasks_checks_stops_and_run_ons(monkeypatch):
+    from minigpt import tasks
+    exs = {"form": [Example("form", "", "登高", "", "七言絕句")] * 3, "acrostic": [Example("acrostic", "", "", "", "白黃欲更")] * 2}
+    written = iter([(QIJUE, True), (WUJUE, True), (QIJUE + "\n\n又\n" + QIJUE, False),
+                    (WUJUE, True), (WUJUE.replace("欲", "將"), False)])
+    monkeypatch.setattr(tasks, "complete", lambda model, tok, prompts, max_new_tokens: [next(written) for _ in prompts])
+    got = tasks.measure_tasks(None, None, exs)
+    assert got["form"] == {"comply": pytest.approx(1 / 3), "stop": pytest.approx(2 / 3), "run_on": pytest.approx(1 / 3)}
+    assert got["acrostic"]["comply"] == 0.5 and got["acrostic"]["heads"] == 7 / 8
+
+
+def test_the_task_table_has_a_row_per_task_and_measure():
+    from minigpt.tasks import format_task_table
+    col = {"form": {"comply": 0.5, "stop": 1.0, "run_on": 0.0}, "acrostic": {"comply": 0.25, "heads": 0.5, "stop": 1.0, "run_on": 0.0}}
+    table = format_task_table([("base", {}), ("tuned", col)], "(note)")
+    lines = table.splitlines()
+    assert len(lines) == 1 + 3 + 4 + 1 and lines[-1] == "(note)"
+    assert "form: complies" in lines[1] and lines[1].split()[-2:] == ["—", "50.0%"]
+
+
+def test_a_model_that_never_stops_is_scored_on_its_first_poem(monkeypatch):
+    from minigpt import tasks
+    exs = {"form": [Example("form", "", "登高", "", "七言絕句")] * 2}
+    written = iter([(QIJUE + "\n\n又\n" + WUJUE, False), (WUJUE + "\n\n又\n" + QIJUE, False)])
+    monkeypatch.setattr(tasks, "complete", lambda model, tok, prompts, max_new_tokens: [next(written) for _ in prompts])
+    got = tasks.measure_tasks(None, None, exs, never_stops=True)
+    assert got["form"] == {"comply": 0.5, "stop": None, "run_on": 1.0}
+
+
+def test_eval_examples_hold_the_unseen_combination_apart(tokenizer):
+    from minigpt.tasks import eval_examples
+    poems = [Poem(title, "", tuple(body.split("\n"))) for title, body in [("登樓", WUJUE), ("白帝", QIJUE), ("春望", WULU)]]
+    got = eval_examples(poems, [BY_NAME["form"]], GROUPS, 5, tokenizer, 128)
+    assert [e.want for e in got["form"]] == ["五言絕句", "五言律詩"] and [e.want for e in got["form:unseen"]] == ["七言絕句"]
+    held = eval_examples(poems, [BY_NAME["form"]], GROUPS, 5, tokenizer, 128, held_out=True)
+    assert all(e.instruction.replace(e.want, "{form}") in BY_NAME["form"].held_out for e in held["form"])
+    assert eval_examples(poems, [BY_NAME["form"]], GROUPS, 5, tokenizer, 40)["form"] == []  # nothing fits 40 tokens
