@@ -16,7 +16,8 @@ from minigpt.evaluate import (Yardstick, compare, complete, eval_set, format_tab
                               table_note, val_sample, write_answers)
 from minigpt.model import GPT, GPTConfig
 from minigpt.plot import plot_behaviour
-from minigpt.tasks import BY_NAME, TaskData, eval_examples, format_task_table, measure_tasks, parse_tasks, prompt_text
+from minigpt.tasks import (BY_NAME, TABLE_NOTE, TaskData, eval_examples, format_task_table, measure_tasks, parse_tasks,
+                           prompt_text, task_columns)
 from minigpt.train import TrainConfig, train
 
 DEMO_TITLES = ["春夜喜雨", "靜夜思"]  # plus the first two val titles
@@ -129,12 +130,8 @@ def main(argv=None):
     if multi:  # each task on test examples: the base model given the prompt, then the fine-tuned one
         seen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n_titles, tokenizer, T)
         unseen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n_titles, tokenizer, T, held_out=True)
-        task_columns = [("base, given the prompt", measure_tasks(base.to(device), tokenizer, seen, max_new, never_stops=True)),
-                        ("fine-tuned, trained phrasings", measure_tasks(model, tokenizer, seen, max_new)),
-                        ("fine-tuned, held-out phrasings", measure_tasks(model, tokenizer, unseen, max_new))]
-        task_table = format_task_table(task_columns, f"({n_titles} test examples per task and column at most; "
-                                       "form:unseen asks for the form never asked for in training, 七言絕句. The base "
-                                       "model never saw <END>: its answer is its first poem.)")
+        by_task = task_columns(base.to(device), tokenizer, seen, unseen, [("fine-tuned", model)], max_new)
+        task_table = format_task_table(by_task, f"({n_titles} test examples per task at most. {TABLE_NOTE})")
         print("\n" + task_table)
         with open(os.path.join(args.out_dir, "tasks.txt"), "w", encoding="utf-8") as f:
             f.write(task_table + "\n")

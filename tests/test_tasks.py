@@ -165,3 +165,16 @@ def test_eval_examples_hold_the_unseen_combination_apart(tokenizer):
     held = eval_examples(poems, [BY_NAME["form"]], GROUPS, 5, tokenizer, 128, held_out=True)
     assert all(e.instruction.replace(e.want, "{form}") in BY_NAME["form"].held_out for e in held["form"])
     assert eval_examples(poems, [BY_NAME["form"]], GROUPS, 5, tokenizer, 40)["form"] == []  # nothing fits 40 tokens
+
+
+def test_heads_written_in_by_the_program_start_the_clauses(tokenizer):
+    from minigpt.model import GPT, GPTConfig
+    from minigpt.tasks import write_heads_in
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=128, n_layer=1, n_head=2, n_embd=16))
+    exs = [Example("acrostic", "藏頭", "登樓", "", heads) for heads in ("白黃欲更", "山水")]
+    for (text, stopped), ex in zip(write_heads_in(model, tokenizer, exs, max_clause=4), exs):
+        at = 0
+        assert text[0] == ex.want[0]
+        for head in ex.want[1:]:  # each head is written in after at most max_clause characters of the model's own
+            at = text.index(head, at + 1)
+            assert at <= text.index(ex.want[0]) + 5 * ex.want.index(head), (text, head)
