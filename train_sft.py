@@ -11,12 +11,12 @@ import os
 
 from minigpt import cli
 from minigpt.checkpoint import CheckpointError, load_checkpoint
-from minigpt.data import DEFAULT_CORPUS, SFTData, build_tokenizer, load_poems, split_poems
+from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, SFTData, build_tokenizer, load_poems, split_poems
 from minigpt.evaluate import (Yardstick, compare, complete, eval_set, format_table, loss_batches, measure, mentions_title,
                               table_note, val_sample, write_answers)
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, GPTConfig, grow_vocab
 from minigpt.plot import plot_behaviour
-from minigpt.tasks import (BY_NAME, TABLE_NOTE, TaskData, eval_examples, format_task_table, measure_tasks, parse_tasks,
+from minigpt.tasks import (BY_NAME, CHAT, CHAT_POEM, TABLE_NOTE, TaskData, eval_examples, format_task_table, measure_tasks, parse_tasks,
                            prompt_text, task_columns)
 from minigpt.train import TrainConfig, train
 
@@ -45,6 +45,9 @@ def main(argv=None):
     parser.add_argument("--tasks", default="poem", help="poem: title -> poem with one instruction (the default); all, or "
                         f"a comma-separated mix of {', '.join(BY_NAME)}: several tasks, each in several phrasings")
     parser.add_argument("--task-examples", type=int, help="val examples per task measured at every eval (tasks other than poem)")
+    parser.add_argument("--format", choices=["ins", "chat"], default="ins",
+                        help="ins: <INS>instruction<INP>input<RES>answer<END>; chat: <SYS>system<EOT><USR>user<EOT><AST>answer<EOT>, "
+                             "the role markers four new ids (the embedding grows by four rows)")
     args = parser.parse_args(argv)
     _, cfg, device, extra = cli.resolve(args, PRESETS)
     tasks = cli.parse_or_usage(parse_tasks, args.tasks)
@@ -56,7 +59,7 @@ def main(argv=None):
         cfg = TrainConfig(**ckpt["train_config"])
         args.init_from, args.data, args.train_on_prompt = ckpt["init_from"], ckpt["data"], ckpt["train_on_prompt"]
         n_titles, max_new = ckpt["eval_titles"], ckpt["max_new_tokens"]
-        args.tasks, n_task = ckpt.get("tasks", "poem"), ckpt.get("task_examples", n_task)
+        args.tasks, n_task, args.format = ckpt.get("tasks", "poem"), ckpt.get("task_examples", n_task), ckpt.get("format", "ins")
         base, _, _ = load_checkpoint(args.init_from)
         print(f"resuming {args.out_dir} at step {ckpt['step']}")
     else:
@@ -64,26 +67,33 @@ def main(argv=None):
         dropout = ckpt["model_config"]["dropout"] if args.dropout is None else args.dropout
         model = GPT(cli.model_config(GPTConfig, **{**ckpt["model_config"], "dropout": dropout}))
         model.load_state_dict(base.state_dict())
+    chat = args.format == "chat"
     splits = split_poems(load_poems(args.corpus))
-    if build_tokenizer(splits["train"]).itos != tokenizer.itos:
+    expected = build_tokenizer(splits["train"])
+    if (expected.with_roles() if chat else expected).itos != (tokenizer.with_roles() if chat else tokenizer).itos:
         raise CheckpointError(f"{args.init_from} was made with another tokenizer than {args.corpus} gives; "
                               "pretrain on this corpus first, or pass the corpus it was trained on with --corpus")
+    if chat:  # the role markers join the vocabulary; the base model gets them too, to be given the same prompts
+        tokenizer = tokenizer.with_roles()
+        model, base = (m if m.config.vocab_size == tokenizer.vocab_size else grow_vocab(m, tokenizer.vocab_size)
+                       for m in (model, base))
+    fmt, poem_fmt = (CHAT, CHAT_POEM) if chat else (TITLE_TO_POEM, TITLE_TO_POEM)
     model_cfg = model.config
     T = model_cfg.block_size
     tasks = parse_tasks(args.tasks)  # a resumed run's own
     yard = Yardstick(splits["train"])
     multi = [t.name for t in tasks] != ["poem"]  # several tasks, or one in several phrasings
     if multi:
-        data = TaskData(splits["train"], tokenizer, T, tasks, yard.rhyme_groups)
-        task_val = eval_examples(splits["val"], tasks, yard.rhyme_groups, n_task, tokenizer, T)
+        data = TaskData(splits["train"], tokenizer, T, tasks, yard.rhyme_groups, fmt)
+        task_val = eval_examples(splits["val"], tasks, yard.rhyme_groups, n_task, tokenizer, T, fmt=fmt)
     else:
-        data = SFTData(splits["train"], tokenizer, T, regular_only=args.data in ("regular", "relevant"))
+        data = SFTData(splits["train"], tokenizer, T, regular_only=args.data in ("regular", "relevant"), fmt=poem_fmt)
         if args.data == "relevant":
             data.keep_only(mentions_title, "not_about_title")
     if not data.examples:
         raise cli.UsageError(f"no SFT example fits the model's context of {T} tokens; pretrain with a larger --block-size")
     val_poems = val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size)
-    val = loss_batches(tokenizer, val_poems, batch_size=cfg.batch_size)  # the loop's val loss: the poem's tokens
+    val = loss_batches(tokenizer, val_poems, poem_fmt, batch_size=cfg.batch_size)  # the loop's val loss: the poem's tokens
     val_set = eval_set(splits["val"], splits["train"], n_titles)
     demo = DEMO_TITLES + val_set.titles[:2]
     print(f"SFT data ({args.tasks if multi else args.data}): " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
@@ -93,24 +103,25 @@ def main(argv=None):
     def sample(m, step):
         if multi:  # one val example per task, with the whole prompt as the model reads it
             shown = [exs[0] for name, exs in task_val.items() if exs and ":" not in name]
-            prompts = [prompt_text(ex) for ex in shown]
-            answers = complete(m, tokenizer, prompts, max_new_tokens=max_new)
+            prompts = [prompt_text(ex, fmt) for ex in shown]
+            answers = complete(m, tokenizer, prompts, max_new_tokens=max_new, stop=fmt.end)
             return {"samples": [{"task": ex.task, "prompt": p, "answer": a, "stopped": s,
-                                 "shown": f"{p}\n{a}  ({'stopped at <END>' if s else 'no <END>'})"}
+                                 "shown": f"{p}\n{a}  ({f'stopped at {fmt.end}' if s else f'no {fmt.end}'})"}
                                 for ex, p, (a, s) in zip(shown, prompts, answers)]}
-        answers = write_answers(m, tokenizer, demo, max_new_tokens=max_new)
+        answers = write_answers(m, tokenizer, demo, poem_fmt, max_new_tokens=max_new)
         return {"samples": [{"title": t, "answer": a, "stopped": s, "length": len(a),
                              "shown": f"[{t}] ({len(a)} chars, {'stopped at <END>' if s else 'no <END>'})\n{a}"}
                             for t, (a, s) in zip(demo, answers)]}
 
     extra_ckpt = {"stage": "sft", "model_config": model_cfg.__dict__.copy(), "tokenizer": tokenizer.to_list(),
                   "init_from": os.path.abspath(args.init_from), "data": args.data, "train_on_prompt": args.train_on_prompt,
-                  "eval_titles": n_titles, "max_new_tokens": max_new, "tasks": args.tasks, "task_examples": n_task}
+                  "eval_titles": n_titles, "max_new_tokens": max_new, "tasks": ",".join(t.name for t in tasks),
+                  "task_examples": n_task, "format": args.format}
 
     def metrics(m, step):
-        out = measure(m, tokenizer, val_set.titles, yard, val=val, max_new_tokens=max_new)
+        out = measure(m, tokenizer, val_set.titles, yard, poem_fmt, val=val, max_new_tokens=max_new)
         if multi:
-            out["tasks"] = measure_tasks(m, tokenizer, task_val, max_new_tokens=max_new)
+            out["tasks"] = measure_tasks(m, tokenizer, task_val, max_new_tokens=max_new, fmt=fmt)
         return out
 
     result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, tokenizer.pad_id, g, args.train_on_prompt), val["poem"],
@@ -121,16 +132,16 @@ def main(argv=None):
         return result
 
     # the final table, and the only place test titles are used
-    columns, test_set, _ = compare(base.to(device), model, tokenizer, splits, n_titles, max_new, yardstick=yard)
+    columns, test_set, _ = compare(base.to(device), model, tokenizer, splits, n_titles, max_new, yardstick=yard, fmt=poem_fmt)
     table = format_table(columns, table_note(test_set, yard, splits))
     print("\n" + table)
     with open(os.path.join(args.out_dir, "table.txt"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     plot_behaviour(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "behaviour.png"))
     if multi:  # each task on test examples: the base model given the prompt, then the fine-tuned one
-        seen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n_titles, tokenizer, T)
-        unseen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n_titles, tokenizer, T, held_out=True)
-        by_task = task_columns(base.to(device), tokenizer, seen, unseen, [("fine-tuned", model)], max_new)
+        seen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n_titles, tokenizer, T, fmt=fmt)
+        unseen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n_titles, tokenizer, T, held_out=True, fmt=fmt)
+        by_task = task_columns(base.to(device), tokenizer, seen, unseen, [("fine-tuned", model)], max_new, fmt)
         task_table = format_task_table(by_task, f"({n_titles} test examples per task at most. {TABLE_NOTE})")
         print("\n" + task_table)
         with open(os.path.join(args.out_dir, "tasks.txt"), "w", encoding="utf-8") as f:

@@ -19,7 +19,7 @@ import torch
 
 from minigpt.data import (DEFAULT_CORPUS, MEANINGLESS_TITLES, PLAIN, TITLE_TO_POEM, clauses, clean_title, is_regular,
                           join_groups, load_poems, sft_batch, split_poems, spread)
-from minigpt.tokenizer import SPECIAL_TOKENS
+from minigpt.tokenizer import ROLE_TOKENS, SPECIAL_TOKENS
 
 MAX_NEW_TOKENS = 256
 SAMPLING = dict(temperature=0.8, top_k=50, seed=1234)
@@ -55,13 +55,15 @@ def eval_set(held_out, train, n=200):
 
 
 def write_answers(model, tokenizer, titles, fmt=TITLE_TO_POEM, max_new_tokens=MAX_NEW_TOKENS, **sampling):
-    """One answer per title: (text without the stop token, whether it stopped at <END>)."""
-    return complete(model, tokenizer, [fmt.prompt(t) for t in titles], max_new_tokens, **sampling)
+    """One answer per title: (text without the stop token, whether it stopped at the format's end marker)."""
+    stop = fmt.end if fmt.end in tokenizer.stoi else "<END>"  # the plain format ends with a blank line: no one id
+    return complete(model, tokenizer, [fmt.prompt(t) for t in titles], max_new_tokens, stop=stop, **sampling)
 
 
-def complete(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=100,
+def complete(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=100, stop="<END>",
              temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], seed=SAMPLING["seed"]):
-    """What the model writes after each prompt text: (text without the stop token, whether it stopped at <END>)."""
+    """What the model writes after each prompt text: (text without the stop token, whether it stopped there)."""
+    stop_id = tokenizer.stoi[stop]
     gen = torch.Generator(device=model.tok_emb.weight.device).manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -69,8 +71,8 @@ def complete(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_siz
     for i in range(0, len(prompts), batch_size):
         ids_in = [tokenizer.encode(p, unknown="unk") for p in prompts[i:i + batch_size]]
         for ids in model.generate(ids_in, max_new_tokens, temperature=temperature, top_k=top_k,
-                                  stop_ids=[tokenizer.end_id], pad_id=tokenizer.pad_id, generator=gen):
-            stopped = bool(ids) and ids[-1] == tokenizer.end_id
+                                  stop_ids=[stop_id], pad_id=tokenizer.pad_id, generator=gen):
+            stopped = bool(ids) and ids[-1] == stop_id
             answers.append((tokenizer.decode(ids[:-1] if stopped else ids), stopped))
     model.train(was_training)
     return answers
@@ -97,7 +99,7 @@ def runs_on(text):
     """The text goes on past its first poem (a blank line or a new title, then more), or holds another example's
     marker."""
     lines = text.strip("\n").split("\n")
-    return bool("".join(lines[_poem_end(lines):]).strip()) or any(t in text for t in SPECIAL_TOKENS)
+    return bool("".join(lines[_poem_end(lines):]).strip()) or any(t in text for t in SPECIAL_TOKENS + ROLE_TOKENS)
 
 
 def content_chars(title):
@@ -257,7 +259,7 @@ def measure(model, tokenizer, titles, yardstick, fmt=TITLE_TO_POEM, val=None, ma
     its answer losses."""
     answers = write_answers(model, tokenizer, titles, fmt, max_new_tokens)
     texts = [t for t, _ in answers]
-    out = {**yardstick.score(titles, texts, [s for _, s in answers] if fmt.end == TITLE_TO_POEM.end else None),
+    out = {**yardstick.score(titles, texts, [s for _, s in answers] if fmt.end in tokenizer.stoi else None),
            "examples": [{"title": t, "answer": a, "stopped": s} for t, (a, s) in zip(titles[:3], answers[:3])]}
     if val is not None:
         out.update(answer_losses(model, val))
@@ -301,17 +303,19 @@ def reference(yardstick, evalset):
     return {**yardstick.score(evalset.titles, evalset.poems), "examples": []}
 
 
-def compare(base, sft, tokenizer, splits, n_titles=200, max_new_tokens=MAX_NEW_TOKENS, held_out="test", yardstick=None):
+def compare(base, sft, tokenizer, splits, n_titles=200, max_new_tokens=MAX_NEW_TOKENS, held_out="test", yardstick=None,
+            fmt=TITLE_TO_POEM):
     """The four columns: real poems, the base model in its own format and given the SFT prompt, the fine-tuned
-    model; all on the same titles, the same val poems for the losses. Returns (columns, evalset, yardstick)."""
+    model; all on the same titles, the same val poems for the losses. fmt: the SFT prompt (the chat one for a chat
+    model). Returns (columns, evalset, yardstick)."""
     yard = yardstick or Yardstick(splits["train"])
     evalset = eval_set(splits[held_out], splits["train"], n_titles)
     sample = val_sample(splits["val"], tokenizer, base.config.block_size)
-    plain, sft_format = loss_batches(tokenizer, sample, PLAIN), loss_batches(tokenizer, sample)  # the same poems
+    plain, sft_format = loss_batches(tokenizer, sample, PLAIN), loss_batches(tokenizer, sample, fmt)  # the same poems
     columns = [("real poems", reference(yard, evalset)),
                ("base, own format", measure(base, tokenizer, evalset.titles, yard, PLAIN, plain, max_new_tokens)),
-               ("base, SFT prompt", measure(base, tokenizer, evalset.titles, yard, TITLE_TO_POEM, sft_format, max_new_tokens)),
-               ("fine-tuned", measure(sft, tokenizer, evalset.titles, yard, TITLE_TO_POEM, sft_format, max_new_tokens))]
+               ("base, SFT prompt", measure(base, tokenizer, evalset.titles, yard, fmt, sft_format, max_new_tokens)),
+               ("fine-tuned", measure(sft, tokenizer, evalset.titles, yard, fmt, sft_format, max_new_tokens))]
     return columns, evalset, yard
 
 

@@ -226,3 +226,15 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     cum = F.softmax(logits, dim=-1).cumsum(dim=-1)  # (B, V)
     u = (1 - torch.rand(cum.size(0), 1, generator=generator, device=cum.device)) * cum[:, -1:]  # (B, 1)
     return torch.searchsorted(cum, u).squeeze(1)  # (B,)
+
+
+def grow_vocab(model, vocab_size):
+    """A copy of model whose vocabulary has grown to vocab_size (new tokens appended, such as chat roles): the old
+    rows stay; each new row starts at the mean of the old ones, so that a new token starts as an average one."""
+    old = model.tok_emb.weight.data
+    grown = GPT(GPTConfig(**{**model.config.__dict__, "vocab_size": vocab_size})).to(old.device)
+    state = dict(model.state_dict())
+    rows = old.mean(dim=0, keepdim=True).expand(vocab_size - old.size(0), -1)  # (new, C)
+    state["tok_emb.weight"] = state["lm_head.weight"] = torch.cat([old, rows])  # tied: one table
+    grown.load_state_dict(state)
+    return grown

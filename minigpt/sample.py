@@ -14,7 +14,7 @@ import sys
 import torch
 
 from minigpt.data import PLAIN, TITLE_TO_POEM
-from minigpt.tokenizer import SPECIAL_TOKENS
+from minigpt.tokenizer import ROLE_TOKENS, SPECIAL_TOKENS
 
 SIMPLIFIED_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "poems", "simplified.json")
 
@@ -37,7 +37,7 @@ def check_title(title, tokenizer, block_size, fmt=TITLE_TO_POEM, min_answer=16, 
     title = title.strip()
     if not title:
         raise TitleError("empty title: give a few characters, e.g. --title 春夜喜雨")
-    markers = [t for t in SPECIAL_TOKENS if t in title]
+    markers = [t for t in SPECIAL_TOKENS + ROLE_TOKENS if t in title]
     if markers:
         raise TitleError(f"title {title!r} holds the control marker {markers[0]}, which the model reads as structure, "
                          "not text; leave it out")

@@ -14,9 +14,13 @@ import sys
 
 import torch
 
-from minigpt.data import (MEANINGLESS_TITLES, PUNCTUATION, TITLE_TO_POEM, SFTData, clauses, clean_title, is_regular,
-                          render, spread)
+from minigpt.data import (MEANINGLESS_TITLES, PUNCTUATION, TITLE_TO_POEM, PromptFormat, SFTData, clauses, clean_title,
+                          is_regular, render, spread)
 from minigpt.evaluate import SAMPLING, complete, content_chars, first_poem, line_endings, runs_on
+
+# the chat format: roles as single ids; CHAT_POEM is today's title -> poem instruction in it
+CHAT = PromptFormat(instruction="", ins="<USR>", inp="\n", res="<EOT><AST>", end="<EOT>")
+CHAT_POEM = PromptFormat(instruction="請用以下題目寫一首詩", ins="<USR>", inp="\n", res="<EOT><AST>", end="<EOT>")
 
 # the four regular forms: characters per clause and couplets (lines); 絕句 has 2 couplets, 律詩 4
 FORMS = {"五言絕句": (5, 2), "七言絕句": (7, 2), "五言律詩": (5, 4), "七言律詩": (7, 4)}
@@ -53,6 +57,7 @@ class Task:
     make: Callable
     check: Callable
     never_trained: tuple = field(default=())
+    system: bool = False  # in the chat format the instruction is a standing system message, the input the user's turn
 
     def example(self, title, body, rhyme_groups, k, held_out=False):
         """The example this poem gives, phrased by the k-th phrasing (cycling) of the trained or held-out list."""
@@ -155,6 +160,9 @@ TASKS = (
          ("根據這個題目寫詩", "下面是題目，請寫一首詩"), make_poem, is_poem),
     Task("form", ("請用以下題目寫一首{form}", "寫一首{form}，題目如下", "以下面的題目作{form}一首"),
          ("照這個題目寫成{form}", "題目在下面，體裁是{form}，請寫"), make_form, has_form, never_trained=("七言絕句",)),
+    # a standing role: the system message sets the form, the user gives only a title
+    Task("persona", ("你是一位只寫{form}的詩人", "你只寫{form}", "你是詩人，只作{form}"),
+         ("你作詩只用{form}", "從今以後你只寫{form}"), make_form, has_form, never_trained=("七言絕句",), system=True),
     Task("acrostic", ("寫一首藏頭詩，每句開頭依次是{heads}", "以{heads}為每句的第一個字寫一首詩", "藏頭詩，句首用字：{heads}"),
          ("每句第一個字分別用{heads}，寫一首詩", "作詩一首，句首藏{heads}"), make_acrostic, has_heads),
     Task("continuation", ("接著寫完這首詩", "續寫下面的詩句", "這是一首詩的開頭，請寫完"),
@@ -191,7 +199,12 @@ def examples(poems, tasks, rhyme_groups, held_out=False, train=True):
 # ---- training and measuring: the same code for every task ----
 
 def prompt_text(example, fmt=TITLE_TO_POEM):
-    """<INS>{instruction}<INP>{input}<RES>: what the model reads before it answers."""
+    """What the model reads before it answers: <INS>{instruction}<INP>{input}<RES>, or in the chat format
+    (fmt=CHAT) <USR>{instruction}\n{input}<EOT><AST>, the instruction of a system task as <SYS>{instruction}<EOT>."""
+    if fmt is CHAT:
+        if BY_NAME[example.task].system:
+            return f"<SYS>{example.instruction}<EOT><USR>{example.input}<EOT><AST>"
+        return f"<USR>{example.instruction}\n{example.input}<EOT><AST>"
     return f"{fmt.ins}{example.instruction}{fmt.inp}{example.input}{fmt.res}"
 
 
@@ -210,12 +223,12 @@ class TaskData(SFTData):
             self.counts[ex.task] += 1
 
 
-def eval_examples(poems, tasks, rhyme_groups, n, tokenizer, block_size, held_out=False):
+def eval_examples(poems, tasks, rhyme_groups, n, tokenizer, block_size, held_out=False, fmt=TITLE_TO_POEM):
     """{name: n examples spread over a held-out split} for each task, phrased with the trained phrasings (or the
     held-out ones), never-trained combinations included, and whose prompt and real answer fit the context.
     'form:unseen' holds n examples of the never-trained combinations."""
     fits = [ex for ex in examples(poems, tasks, rhyme_groups, held_out=held_out, train=False)
-            if len(tokenizer.encode(prompt_text(ex) + ex.answer, unknown="unk")) < block_size]
+            if len(tokenizer.encode(prompt_text(ex, fmt) + ex.answer, unknown="unk")) < block_size]
     out = {}
     for task in tasks:
         out[task.name] = spread([ex for ex in fits if ex.task == task.name and ex.want not in task.never_trained], n)
@@ -224,7 +237,7 @@ def eval_examples(poems, tasks, rhyme_groups, n, tokenizer, block_size, held_out
     return out
 
 
-def measure_tasks(model, tokenizer, by_task, max_new_tokens=128, never_stops=False):
+def measure_tasks(model, tokenizer, by_task, max_new_tokens=128, never_stops=False, fmt=TITLE_TO_POEM):
     """{task: {comply, stop, run_on}} as fractions: whether each answer passes its task's checker, ended with <END>,
     and ran on past one answer; the acrostic adds the share of clauses that start with their head character.
     never_stops: a model that never saw <END> (the base model): its answer is its first poem, as in the title -> poem
@@ -232,7 +245,7 @@ def measure_tasks(model, tokenizer, by_task, max_new_tokens=128, never_stops=Fal
     out = {}
     for name, exs in by_task.items():
         if exs:
-            written = complete(model, tokenizer, [prompt_text(ex) for ex in exs], max_new_tokens)
+            written = complete(model, tokenizer, [prompt_text(ex, fmt) for ex in exs], max_new_tokens, stop=fmt.end)
             out[name] = score_written(written, exs, BY_NAME[name.split(":")[0]], never_stops)
     return out
 
@@ -256,52 +269,52 @@ def format_task_table(columns, note=""):
         keys = [k for k in ("comply", "heads", "stop", "run_on") if any(k in col.get(name, {}) for _, col in columns)]
         for k in keys:
             label = {"comply": f"{name}: complies", "heads": f"{name}: clauses with their head",
-                     "stop": f"{name}: stops at <END>", "run_on": f"{name}: runs on"}[k]
+                     "stop": f"{name}: stops at the end marker", "run_on": f"{name}: runs on"}[k]
             cells = [f"{col[name][k]:.1%}" if col.get(name, {}).get(k) is not None else "—" for _, col in columns]
             lines.append(f"{label:<{width}}" + "".join(f"{c:>32}" for c in cells))
     return "\n".join(lines + ([note] if note else []))
 
 
-def write_heads_in(model, tokenizer, exs, max_clause=10):
+def write_heads_in(model, tokenizer, exs, max_clause=10, fmt=TITLE_TO_POEM):
     """Acrostics by forced decoding, the reference for what the model writes when the program puts each head
     character in place: head, then the model's clause up to '，' or a line break, and so on; after the last head the
     model writes until <END>. Returns (text, stopped) per example, like complete."""
     gen = torch.Generator(device=model.tok_emb.weight.device).manual_seed(SAMPLING["seed"])
-    breaks = [tokenizer.stoi[c] for c in "，\n" if c in tokenizer.stoi]
+    breaks, end_id = [tokenizer.stoi[c] for c in "，\n" if c in tokenizer.stoi], tokenizer.stoi[fmt.end]
     was_training = model.training
     model.eval()
     out = []
     for ex in exs:
-        ids = tokenizer.encode(prompt_text(ex), unknown="unk")
+        ids = tokenizer.encode(prompt_text(ex, fmt), unknown="unk")
         start = len(ids)
         for i, head in enumerate(ex.want):
             ids = ids + tokenizer.encode(head, unknown="unk")
             last = i == len(ex.want) - 1
-            stops = [tokenizer.end_id] if last else breaks + [tokenizer.end_id]
+            stops = [end_id] if last else breaks + [end_id]
             room = model.config.block_size - len(ids)
             if room <= 0:
                 break
             ids = ids + model.generate([ids], min(4 * max_clause if last else max_clause, room), stop_ids=stops,
                                        temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], generator=gen)[0]
-            if ids[-1] == tokenizer.end_id:
+            if ids[-1] == end_id:
                 break
-        stopped = ids[-1] == tokenizer.end_id
+        stopped = ids[-1] == end_id
         out.append((tokenizer.decode(ids[start:-1] if stopped else ids[start:]), stopped))
     model.train(was_training)
     return out
 
 
-def task_columns(base, tokenizer, seen, held_out, models, max_new_tokens=128):
+def task_columns(base, tokenizer, seen, held_out, models, max_new_tokens=128, fmt=TITLE_TO_POEM):
     """The columns of the task table: the base model given the prompt; each fine-tuned model of models
     [(name, model)] on the trained phrasings; the last one also on the held-out phrasings and, for the acrostic,
     with the head characters written in by the program."""
-    columns = [("base, given the prompt", measure_tasks(base, tokenizer, seen, max_new_tokens, never_stops=True))]
-    columns += [(name, measure_tasks(m, tokenizer, seen, max_new_tokens)) for name, m in models]
+    columns = [("base, given the prompt", measure_tasks(base, tokenizer, seen, max_new_tokens, True, fmt))]
+    columns += [(name, measure_tasks(m, tokenizer, seen, max_new_tokens, fmt=fmt)) for name, m in models]
     name, last = models[-1]
-    columns.append((name + ", held-out phrasings", measure_tasks(last, tokenizer, held_out, max_new_tokens)))
+    columns.append((name + ", held-out phrasings", measure_tasks(last, tokenizer, held_out, max_new_tokens, fmt=fmt)))
     if seen.get("acrostic"):
-        forced = write_heads_in(last, tokenizer, seen["acrostic"])
-        columns.append((name + ", heads written in", score_written(forced, seen["acrostic"], BY_NAME["acrostic"])))
+        forced = write_heads_in(last, tokenizer, seen["acrostic"], fmt=fmt)
+        columns.append((name + ", heads written in", {"acrostic": score_written(forced, seen["acrostic"], BY_NAME["acrostic"])}))
     return columns
 
 
@@ -321,22 +334,29 @@ def main(argv=None):
     p.add_argument("--corpus", default=DEFAULT_CORPUS)
     p.add_argument("--n", type=int, default=200, help="test examples per task")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--tasks", help="the tasks to measure (default: those the multi-task run trained on)")
     args = p.parse_args(argv)
     try:
         base, tokenizer, _ = load_checkpoint(args.base)
         models = [("single-task SFT", load_checkpoint(args.single))] if args.single else []
         models.append(("multi-task SFT", load_checkpoint(args.sft)))
-        if any(tok.itos != tokenizer.itos for _, (_, tok, _) in models):
+        if any(tok.itos != models[-1][1][1].itos or tok.with_roles().itos != tokenizer.with_roles().itos
+               for _, (_, tok, _) in models):
             raise CheckpointError("the checkpoints have different vocabularies; compare checkpoints of one lineage")
-        tasks = parse_tasks(models[-1][1][2].get("tasks", "poem"))
+        tasks = parse_tasks(args.tasks or models[-1][1][2].get("tasks", "poem"))
         splits = split_poems(load_poems(args.corpus))
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     groups, T = Yardstick(splits["train"]).rhyme_groups, base.config.block_size
-    seen = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T)
-    held = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T, held_out=True)
-    columns = task_columns(base, tokenizer, seen, held, [(name, m) for name, (m, _, _) in models], args.max_new_tokens)
+    fmt = CHAT if models[-1][1][2].get("format") == "chat" else TITLE_TO_POEM
+    tokenizer = models[-1][1][1]  # with the role markers, for a chat model; the base model gets them too
+    if base.config.vocab_size != tokenizer.vocab_size:
+        from minigpt.model import grow_vocab
+        base = grow_vocab(base, tokenizer.vocab_size)
+    seen = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T, fmt=fmt)
+    held = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T, held_out=True, fmt=fmt)
+    columns = task_columns(base, tokenizer, seen, held, [(name, m) for name, (m, _, _) in models], args.max_new_tokens, fmt)
     print(format_task_table(columns, f"({args.n} test examples per task at most. {TABLE_NOTE})"))
     return columns
 

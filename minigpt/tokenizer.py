@@ -1,13 +1,16 @@
 """Character tokenizer: one id per character of the training poems, plus special tokens.
 
 Special tokens come first, so their ids never move: <PAD>=0, <UNK>=1, <END>=2, <INS>=3, <INP>=4,
-<RES>=5. Written inside a string ("<INS>"), a special token still encodes to its single id.
+<RES>=5. Written inside a string ("<INS>"), a special token still encodes to its single id. The chat roles
+(<SYS> system, <USR> user, <AST> assistant, <EOT> end of turn) are appended after the characters by with_roles(),
+so that a pretrained model's ids stay as they are and a chat model grows its embedding by four rows.
 """
 import re
 import warnings
 
 SPECIAL_TOKENS = ["<PAD>", "<UNK>", "<END>", "<INS>", "<INP>", "<RES>"]
-_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+ROLE_TOKENS = ["<SYS>", "<USR>", "<AST>", "<EOT>"]
+_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS + ROLE_TOKENS) + ")")
 
 
 class UnknownCharacterError(ValueError):
@@ -19,11 +22,18 @@ class UnknownCharacterError(ValueError):
 
 
 class CharTokenizer:
-    def __init__(self, chars):
-        chars = sorted(set(chars) - set(SPECIAL_TOKENS))
-        self.itos = SPECIAL_TOKENS + chars
+    def __init__(self, chars, roles=False):
+        chars = sorted(set(chars) - set(SPECIAL_TOKENS) - set(ROLE_TOKENS))
+        self.itos = SPECIAL_TOKENS + chars + (ROLE_TOKENS if roles else [])
         self.stoi = {s: i for i, s in enumerate(self.itos)}
         self.pad_id, self.unk_id, self.end_id, self.ins_id, self.inp_id, self.res_id = range(len(SPECIAL_TOKENS))
+        self.has_roles = roles
+        # the end of turn ends a chat answer, as <END> ends an <INS>/<INP>/<RES> one
+        self.eot_id = self.stoi["<EOT>"] if roles else None
+
+    def with_roles(self):
+        """The same vocabulary, the four chat role tokens appended: every other id stays."""
+        return self if self.has_roles else CharTokenizer(self.itos[len(SPECIAL_TOKENS):], roles=True)
 
     @classmethod
     def from_texts(cls, texts):
@@ -38,9 +48,15 @@ class CharTokenizer:
         return len(self.itos)
 
     def unknown_chars(self, text):
-        """The characters of text (outside special tokens) that the vocabulary lacks, in order, once each."""
-        plain = _SPECIAL_RE.sub("", text)
-        return list(dict.fromkeys(c for c in plain if c not in self.stoi))
+        """The characters of text (and role tokens, in a vocabulary without them) that the vocabulary lacks, in
+        order, once each."""
+        missing = []
+        for piece in _SPECIAL_RE.split(text):
+            if piece in ROLE_TOKENS or piece in SPECIAL_TOKENS:
+                missing += [] if piece in self.stoi else [piece]
+            else:
+                missing += [c for c in piece if c not in self.stoi]
+        return list(dict.fromkeys(missing))
 
     def encode(self, text, unknown="error"):
         """Text -> ids. unknown: 'error' raises UnknownCharacterError naming the characters,
@@ -55,8 +71,8 @@ class CharTokenizer:
                 raise ValueError(f"unknown must be 'error', 'warn' or 'unk', got {unknown!r}")
         ids = []
         for piece in _SPECIAL_RE.split(text):
-            if piece in self.stoi:  # a special token (or a one-character piece)
-                ids.append(self.stoi[piece])
+            if piece in ROLE_TOKENS or piece in SPECIAL_TOKENS:  # a marker: one id
+                ids.append(self.stoi.get(piece, self.unk_id))
             else:
                 ids.extend(self.stoi.get(c, self.unk_id) for c in piece)
         return ids
@@ -64,7 +80,7 @@ class CharTokenizer:
     def decode(self, ids, skip_special=False):
         ids = [int(i) for i in ids]
         if skip_special:
-            ids = [i for i in ids if i >= len(SPECIAL_TOKENS)]
+            ids = [i for i in ids if len(SPECIAL_TOKENS) <= i < len(self.itos) - 4 * self.has_roles]
         return "".join(self.itos[i] for i in ids)
 
     def to_list(self):
@@ -75,7 +91,8 @@ class CharTokenizer:
     def from_list(cls, itos):
         if list(itos[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
             raise ValueError("not a minigpt vocabulary: its special tokens differ")
-        tok = cls(itos[len(SPECIAL_TOKENS):])
+        roles = list(itos[-len(ROLE_TOKENS):]) == ROLE_TOKENS
+        tok = cls(itos[len(SPECIAL_TOKENS):len(itos) - len(ROLE_TOKENS) * roles], roles=roles)
         if tok.itos != list(itos):
             raise ValueError("not a minigpt vocabulary: characters repeat or are out of order")
         return tok

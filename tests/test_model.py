@@ -112,3 +112,13 @@ def test_hand_written_attention_equals_sdpa_with_padding_and_a_cache():
     x2[0, :2] = torch.randn(2, 32)
     attn.use_sdpa = False
     assert torch.allclose(attn(x2[:, :6], {}, key_mask[:, :6])[0, 2:], out[False][0][0, 2:], atol=1e-5)
+
+
+def test_a_grown_vocabulary_keeps_what_the_model_did(model):
+    from minigpt.model import grow_vocab
+    V = model.config.vocab_size
+    grown = grow_vocab(model, V + 4).eval()
+    idx = torch.randint(V, (2, 10))
+    assert torch.allclose(grown(idx)[0][..., :V], model(idx)[0], atol=1e-6)
+    assert torch.allclose(grown.tok_emb.weight[V:], model.tok_emb.weight.mean(0).expand(4, -1))
+    assert grown.lm_head.weight is grown.tok_emb.weight  # still tied

@@ -133,7 +133,7 @@ def test_measure_tasks_checks_stops_and_run_ons(monkeypatch):
     exs = {"form": [Example("form", "", "登高", "", "七言絕句")] * 3, "acrostic": [Example("acrostic", "", "", "", "白黃欲更")] * 2}
     written = iter([(QIJUE, True), (WUJUE, True), (QIJUE + "\n\n又\n" + QIJUE, False),
                     (WUJUE, True), (WUJUE.replace("欲", "將"), False)])
-    monkeypatch.setattr(tasks, "complete", lambda model, tok, prompts, max_new_tokens: [next(written) for _ in prompts])
+    monkeypatch.setattr(tasks, "complete", lambda model, tok, prompts, max_new_tokens, **kw: [next(written) for _ in prompts])
     got = tasks.measure_tasks(None, None, exs)
     assert got["form"] == {"comply": pytest.approx(1 / 3), "stop": pytest.approx(2 / 3), "run_on": pytest.approx(1 / 3)}
     assert got["acrostic"]["comply"] == 0.5 and got["acrostic"]["heads"] == 7 / 8
@@ -152,7 +152,7 @@ def test_a_model_that_never_stops_is_scored_on_its_first_poem(monkeypatch):
     from minigpt import tasks
     exs = {"form": [Example("form", "", "登高", "", "七言絕句")] * 2}
     written = iter([(QIJUE + "\n\n又\n" + WUJUE, False), (WUJUE + "\n\n又\n" + QIJUE, False)])
-    monkeypatch.setattr(tasks, "complete", lambda model, tok, prompts, max_new_tokens: [next(written) for _ in prompts])
+    monkeypatch.setattr(tasks, "complete", lambda model, tok, prompts, max_new_tokens, **kw: [next(written) for _ in prompts])
     got = tasks.measure_tasks(None, None, exs, never_stops=True)
     assert got["form"] == {"comply": 0.5, "stop": None, "run_on": 1.0}
 
@@ -178,3 +178,13 @@ def test_heads_written_in_by_the_program_start_the_clauses(tokenizer):
         for head in ex.want[1:]:  # each head is written in after at most max_clause characters of the model's own
             at = text.index(head, at + 1)
             assert at <= text.index(ex.want[0]) + 5 * ex.want.index(head), (text, head)
+
+
+def test_the_chat_format_puts_a_standing_constraint_in_the_system_turn():
+    from minigpt.tasks import CHAT, prompt_text
+    persona = BY_NAME["persona"].example("登鸛雀樓", WUJUE, GROUPS, 0)
+    assert prompt_text(persona, CHAT) == "<SYS>你是一位只寫五言絕句的詩人<EOT><USR>登鸛雀樓<EOT><AST>"
+    assert prompt_text(persona) == "<INS>你是一位只寫五言絕句的詩人<INP>登鸛雀樓<RES>"
+    form = BY_NAME["form"].example("登鸛雀樓", WUJUE, GROUPS, 0)
+    assert prompt_text(form, CHAT) == "<USR>請用以下題目寫一首五言絕句\n登鸛雀樓<EOT><AST>"
+    assert BY_NAME["persona"].check(WUJUE, persona) and not BY_NAME["persona"].check(WULU, persona)
