@@ -15,7 +15,7 @@ from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, SFTData, build_tokenizer
 from minigpt.evaluate import (Yardstick, compare, complete, eval_set, format_table, loss_batches, measure, mentions_title,
                               table_note, val_sample, write_answers)
 from minigpt.model import GPT, GPTConfig, grow_vocab
-from minigpt.plot import plot_behaviour
+from minigpt.plot import plot_behaviour, plot_tasks
 from minigpt.tasks import (BY_NAME, CHAT, CHAT_POEM, TABLE_NOTE, TaskData, eval_examples, format_task_table, measure_tasks, parse_tasks,
                            prompt_text, task_columns)
 from minigpt.train import TrainConfig, train
@@ -146,6 +146,7 @@ def main(argv=None):
         print("\n" + task_table)
         with open(os.path.join(args.out_dir, "tasks.txt"), "w", encoding="utf-8") as f:
             f.write(task_table + "\n")
+        plot_tasks(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "tasks.png"))
     final = dict(columns)["fine-tuned"]
     print(f"done: step {result['step']}, answer val loss {result['val_loss']:.3f}, {result['elapsed_s']:.0f} s; on test "
           f"titles: stop {final['stop_rate']:.0%}, run-on {final['run_on_rate']:.0%}, regular {final['regular_rate']:.0%}; "

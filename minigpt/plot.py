@@ -74,3 +74,17 @@ def plot_runs(runs, png_path, key="val_loss", title=None):
         evals = [r for r in read_log(path) if r["kind"] == "eval"]
         ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=label)
     return _finish(fig, ax, key.replace("_", " "), title or key, png_path)
+
+
+def plot_tasks(log_path, png_path, title="each task's compliance over SFT steps (val examples)"):
+    """One curve per task: the share of val answers its checker passes at each eval (the acrostic's dashed curve:
+    the share of clauses that start with their head character)."""
+    evals = [r for r in read_log(log_path) if r["kind"] == "eval" and "tasks" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, name in enumerate(dict.fromkeys(n for r in evals for n in r["tasks"])):
+        rows = [(r["step"], r["tasks"][name]) for r in evals if name in r["tasks"]]
+        ax.plot([s for s, _ in rows], [100 * m["comply"] for _, m in rows], "o-", color=f"C{i}", label=name)
+        if "heads" in rows[0][1]:
+            ax.plot([s for s, _ in rows], [100 * m["heads"] for _, m in rows], "--", color=f"C{i}", label=name + ": heads")
+    ax.set_ylim(-3, 103)
+    return _finish(fig, ax, "% of val examples that comply", title, png_path)

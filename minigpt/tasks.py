@@ -262,16 +262,15 @@ def score_written(written, exs, task, never_stops=False):
 
 def format_task_table(columns, note=""):
     """columns: [(name, measure_tasks result)] -> a text table, a block of rows per task."""
-    width = 32
-    lines = [" " * width + "".join(f"{name:>32}" for name, _ in columns)]
+    width, cell = 40, [max(len(name) + 2, 10) for name, _ in columns]
+    lines = [" " * width + "".join(f"{name:>{w}}" for (name, _), w in zip(columns, cell))]
     names = list(dict.fromkeys(n for _, col in columns for n in col))
+    labels = {"comply": "complies", "heads": "clauses with their head", "stop": "stops at the end marker", "run_on": "runs on"}
     for name in names:
-        keys = [k for k in ("comply", "heads", "stop", "run_on") if any(k in col.get(name, {}) for _, col in columns)]
-        for k in keys:
-            label = {"comply": f"{name}: complies", "heads": f"{name}: clauses with their head",
-                     "stop": f"{name}: stops at the end marker", "run_on": f"{name}: runs on"}[k]
-            cells = [f"{col[name][k]:.1%}" if col.get(name, {}).get(k) is not None else "—" for _, col in columns]
-            lines.append(f"{label:<{width}}" + "".join(f"{c:>32}" for c in cells))
+        for k, label in labels.items():
+            if any(k in col.get(name, {}) for _, col in columns):
+                cells = [f"{col[name][k]:.1%}" if col.get(name, {}).get(k) is not None else "—" for _, col in columns]
+                lines.append(f"{name + ': ' + label:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, cell)))
     return "\n".join(lines + ([note] if note else []))
 
 
