@@ -44,6 +44,7 @@ class Example:
     input: str
     answer: str
     want: object = None
+    earlier: str = ""  # a two-turn task: the first answer, already in the conversation
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,18 @@ class Task:
     check: Callable
     never_trained: tuple = field(default=())
     system: bool = False  # in the chat format the instruction is a standing system message, the input the user's turn
+    two_turns: bool = False  # chat only: a first exchange, then this instruction as the user's follow-up
 
-    def example(self, title, body, rhyme_groups, k, held_out=False):
-        """The example this poem gives, phrased by the k-th phrasing (cycling) of the trained or held-out list."""
-        made = self.make(clean_title(title), body, rhyme_groups)
+    def example(self, title, body, rhyme_groups, k, held_out=False, partner=""):
+        """The example this poem gives, phrased by the k-th phrasing (cycling) of the trained or held-out list.
+        partner: another poem of the split, which a two-turn task answers the follow-up with."""
+        made = self.make(clean_title(title), body, rhyme_groups, partner) if self.two_turns else \
+            self.make(clean_title(title), body, rhyme_groups)
         if made is None:
             return None
-        fields, input_text, answer, want = made
+        fields, input_text, answer, want, *earlier = made
         phrasings = self.held_out if held_out else self.phrasings
-        return Example(self.name, phrasings[k % len(phrasings)].format(**fields), input_text, answer, want)
+        return Example(self.name, phrasings[k % len(phrasings)].format(**fields), input_text, answer, want, *earlier)
 
 
 # ---- the checkers: pure functions of an answer and its example ----
@@ -101,6 +105,11 @@ def names_poem(answer, example):
     (the table sets the same check against other poems beside it)."""
     return (0 < len(answer) <= 12 and "\n" not in answer and not PUNCTUATION.search(answer)
             and bool(content_chars(answer) & set(example.input)))
+
+
+def has_line_length(answer, example):
+    """One regular poem whose clauses all have the asked number of characters (5 or 7)."""
+    return is_poem(answer) and {len(c) for c in clauses(answer)} == {example.want}
 
 
 def rhymes_with(answer, example):
@@ -155,6 +164,16 @@ def make_rhyme(title, body, groups):
     return {"rhyme": ends[-1]}, title, body, members
 
 
+def make_followup(title, body, groups, partner):
+    """A first answer of one line length (a 絕句), then 'another one, in the other length': answered by the partner
+    poem when it is a 絕句 of the other length."""
+    first, second = form_of(body), form_of(partner)
+    if not (_title_ok(title) and first in ("五言絕句", "七言絕句") and second in ("五言絕句", "七言絕句")) or first == second:
+        return None
+    length = FORMS[second][0]
+    return {"length": "五言" if length == 5 else "七言"}, title, partner, length, body
+
+
 TASKS = (
     Task("poem", ("請用以下題目寫一首詩", "以下面的題目作一首詩", "寫一首詩，題目如下"),
          ("根據這個題目寫詩", "下面是題目，請寫一首詩"), make_poem, is_poem),
@@ -169,6 +188,10 @@ TASKS = (
          ("把這首詩補完整", "後面該怎麼寫？請續完"), make_continuation, continues),
     Task("naming", ("為這首詩取一個題目", "給下面的詩起個標題", "這首詩的題目是什麼"),
          ("請替這首詩擬題", "下面這首詩該叫什麼題目"), make_naming, names_poem),
+    # chat only: the follow-up changes the constraint; 七言 is never asked for in training (a 七言絕句 would answer it)
+    Task("followup", ("再寫一首，改成{length}", "換成{length}再寫一首", "再來一首{length}的"),
+         ("同一個題目，寫成{length}", "請再作一首，用{length}"), make_followup, has_line_length, never_trained=(7,),
+         two_turns=True),
     Task("rhyme", ("寫一首詩，押{rhyme}韻", "以{rhyme}字為韻寫一首詩", "用{rhyme}的韻寫詩，題目如下"),
          ("作詩一首，韻腳用{rhyme}", "請寫詩，要和{rhyme}字同韻"), make_rhyme, rhymes_with),
 )
@@ -184,13 +207,20 @@ def parse_tasks(text):
     return tuple(t for t in TASKS if t.name in names)
 
 
-def examples(poems, tasks, rhyme_groups, held_out=False, train=True):
+def examples(poems, tasks, rhyme_groups, held_out=False, train=True, fmt=None):
     """Every example the poems give for the tasks, phrasings taken in turn. train=True leaves out each task's
-    never-trained combinations; held_out=True phrases them with the held-out phrasings."""
+    never-trained combinations; held_out=True phrases them with the held-out phrasings. Two-turn tasks only in the
+    chat format (fmt=CHAT); their partner poem is the first of 16 drawn from the same poems by a fixed stride
+    that suits."""
     out = []
     for i, p in enumerate(poems):
         for task in tasks:
-            ex = task.example(p.title, p.body, rhyme_groups, i, held_out)
+            if task.two_turns and fmt is not CHAT:
+                continue
+            ex = None
+            for j in range(16 if task.two_turns else 1):  # the first of 16 partner poems that suits, if any
+                partner = poems[(i * 7919 + 13 * (j + 1)) % len(poems)].body
+                ex = ex or task.example(p.title, p.body, rhyme_groups, i, held_out, partner)
             if ex is not None and not (train and ex.want in task.never_trained):
                 out.append(ex)
     return out
@@ -202,6 +232,9 @@ def prompt_text(example, fmt=TITLE_TO_POEM):
     """What the model reads before it answers: <INS>{instruction}<INP>{input}<RES>, or in the chat format
     (fmt=CHAT) <USR>{instruction}\n{input}<EOT><AST>, the instruction of a system task as <SYS>{instruction}<EOT>."""
     if fmt is CHAT:
+        if BY_NAME[example.task].two_turns:
+            first = f"<USR>{TITLE_TO_POEM.instruction}\n{example.input}<EOT><AST>{example.earlier}<EOT>"
+            return f"{first}<USR>{example.instruction}<EOT><AST>"
         if BY_NAME[example.task].system:
             return f"<SYS>{example.instruction}<EOT><USR>{example.input}<EOT><AST>"
         return f"<USR>{example.instruction}\n{example.input}<EOT><AST>"
@@ -214,7 +247,7 @@ class TaskData(SFTData):
 
     def __init__(self, poems, tokenizer, block_size, tasks, rhyme_groups, fmt=TITLE_TO_POEM):
         self.examples, self.counts = [], collections.Counter()
-        for ex in examples(poems, tasks, rhyme_groups):
+        for ex in examples(poems, tasks, rhyme_groups, fmt=fmt):
             ids, mask = render(tokenizer, prompt_text(ex, fmt), ex.answer + fmt.end)
             if len(ids) > block_size + 1:
                 self.counts["too_long"] += 1
@@ -227,7 +260,7 @@ def eval_examples(poems, tasks, rhyme_groups, n, tokenizer, block_size, held_out
     """{name: n examples spread over a held-out split} for each task, phrased with the trained phrasings (or the
     held-out ones), never-trained combinations included, and whose prompt and real answer fit the context.
     'form:unseen' holds n examples of the never-trained combinations."""
-    fits = [ex for ex in examples(poems, tasks, rhyme_groups, held_out=held_out, train=False)
+    fits = [ex for ex in examples(poems, tasks, rhyme_groups, held_out=held_out, train=False, fmt=fmt)
             if len(tokenizer.encode(prompt_text(ex, fmt) + ex.answer, unknown="unk")) < block_size]
     out = {}
     for task in tasks:

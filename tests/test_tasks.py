@@ -188,3 +188,18 @@ def test_the_chat_format_puts_a_standing_constraint_in_the_system_turn():
     form = BY_NAME["form"].example("登鸛雀樓", WUJUE, GROUPS, 0)
     assert prompt_text(form, CHAT) == "<USR>請用以下題目寫一首五言絕句\n登鸛雀樓<EOT><AST>"
     assert BY_NAME["persona"].check(WUJUE, persona) and not BY_NAME["persona"].check(WULU, persona)
+
+
+def test_a_follow_up_changes_the_line_length_in_a_second_turn():
+    from minigpt.tasks import CHAT, prompt_text
+    poems = [Poem(title, "", tuple(body.split("\n"))) for title, body in [("早發白帝城", QIJUE), ("登鸛雀樓", WUJUE)]]
+    followup = BY_NAME["followup"]
+    assert not examples(poems, [followup], GROUPS)  # two turns exist in the chat format only
+    train = examples(poems, [followup], GROUPS, fmt=CHAT)
+    assert [(e.earlier, e.answer, e.want) for e in train] == [(QIJUE, WUJUE, 5)]  # 改成七言 is never trained
+    every = examples(poems, [followup], GROUPS, train=False, fmt=CHAT)
+    assert sorted(e.want for e in every) == [5, 7]
+    ex = train[0]
+    assert prompt_text(ex, CHAT) == (f"<USR>請用以下題目寫一首詩\n早發白帝城<EOT><AST>{QIJUE}<EOT>"
+                                     f"<USR>{ex.instruction}<EOT><AST>") and "五言" in ex.instruction
+    assert followup.check(WUJUE, ex) and followup.check(WULU, ex) and not followup.check(QIJUE, ex)
