@@ -5,12 +5,11 @@ names one; adding a task touches this file only.
 
     python -m minigpt.tasks --sft runs/sft_tasks --single runs/sft    # the task table on test examples
 """
-from dataclasses import dataclass, field
-from typing import Callable
-
 import argparse
 import collections
 import sys
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -217,10 +216,11 @@ def examples(poems, tasks, rhyme_groups, held_out=False, train=True, fmt=None):
         for task in tasks:
             if task.two_turns and fmt is not CHAT:
                 continue
-            ex = None
             for j in range(16 if task.two_turns else 1):  # the first of 16 partner poems that suits, if any
                 partner = poems[(i * 7919 + 13 * (j + 1)) % len(poems)].body
-                ex = ex or task.example(p.title, p.body, rhyme_groups, i, held_out, partner)
+                ex = task.example(p.title, p.body, rhyme_groups, i, held_out, partner)
+                if ex is not None:
+                    break
             if ex is not None and not (train and ex.want in task.never_trained):
                 out.append(ex)
     return out
@@ -231,13 +231,12 @@ def examples(poems, tasks, rhyme_groups, held_out=False, train=True, fmt=None):
 def prompt_text(example, fmt=TITLE_TO_POEM):
     """What the model reads before it answers: <INS>{instruction}<INP>{input}<RES>, or in the chat format
     (fmt=CHAT) <USR>{instruction}\n{input}<EOT><AST>, the instruction of a system task as <SYS>{instruction}<EOT>."""
-    if fmt is CHAT:
-        if BY_NAME[example.task].two_turns:
-            first = f"<USR>{TITLE_TO_POEM.instruction}\n{example.input}<EOT><AST>{example.earlier}<EOT>"
-            return f"{first}<USR>{example.instruction}<EOT><AST>"
-        if BY_NAME[example.task].system:
-            return f"<SYS>{example.instruction}<EOT><USR>{example.input}<EOT><AST>"
-        return f"<USR>{example.instruction}\n{example.input}<EOT><AST>"
+    task = BY_NAME[example.task]
+    if fmt is CHAT and task.two_turns:
+        first = CHAT_POEM.prompt(example.input) + example.earlier + CHAT.end
+        return f"{first}<USR>{example.instruction}<EOT><AST>"
+    if fmt is CHAT and task.system:
+        return f"<SYS>{example.instruction}<EOT><USR>{example.input}<EOT><AST>"
     return f"{fmt.ins}{example.instruction}{fmt.inp}{example.input}{fmt.res}"
 
 
@@ -292,6 +291,7 @@ def score_written(written, exs, task, never_stops=False):
     if task.name == "acrostic":
         out["heads"] = sum(head_hits(a, ex.want) for a, ex in zip(answers, exs)) / sum(len(ex.want) for ex in exs)
     return out
+
 
 def format_task_table(columns, note=""):
     """columns: [(name, measure_tasks result)] -> a text table, a block of rows per task."""

@@ -28,8 +28,6 @@ class CharTokenizer:
         self.stoi = {s: i for i, s in enumerate(self.itos)}
         self.pad_id, self.unk_id, self.end_id, self.ins_id, self.inp_id, self.res_id = range(len(SPECIAL_TOKENS))
         self.has_roles = roles
-        # the end of turn ends a chat answer, as <END> ends an <INS>/<INP>/<RES> one
-        self.eot_id = self.stoi["<EOT>"] if roles else None
 
     def with_roles(self):
         """The same vocabulary, the four chat role tokens appended: every other id stays."""
@@ -80,7 +78,7 @@ class CharTokenizer:
     def decode(self, ids, skip_special=False):
         ids = [int(i) for i in ids]
         if skip_special:
-            ids = [i for i in ids if len(SPECIAL_TOKENS) <= i < len(self.itos) - 4 * self.has_roles]
+            ids = [i for i in ids if len(SPECIAL_TOKENS) <= i < len(self.itos) - len(ROLE_TOKENS) * self.has_roles]
         return "".join(self.itos[i] for i in ids)
 
     def to_list(self):

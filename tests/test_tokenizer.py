@@ -56,7 +56,7 @@ def test_chat_roles_are_appended_single_ids_and_every_other_id_stays(tokenizer):
     chat = tokenizer.with_roles()
     assert chat.itos[:tokenizer.vocab_size] == tokenizer.itos and chat.itos[tokenizer.vocab_size:] == ROLE_TOKENS
     ids = chat.encode("<SYS>春<EOT><USR>秋<EOT><AST>")
-    assert len(ids) == 7 and chat.decode(ids) == "<SYS>春<EOT><USR>秋<EOT><AST>" and chat.eot_id == ids[2]
+    assert len(ids) == 7 and chat.decode(ids) == "<SYS>春<EOT><USR>秋<EOT><AST>" and chat.stoi["<EOT>"] == ids[2]
     assert chat.decode(ids, skip_special=True) == "春秋"
     assert CharTokenizer.from_list(chat.to_list()).itos == chat.itos and chat.with_roles() is chat
     assert tokenizer.unknown_chars("<SYS>春") == ["<SYS>"]  # a vocabulary without roles names the marker it lacks
