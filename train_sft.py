@@ -51,6 +51,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _, cfg, device, extra = cli.resolve(args, PRESETS)
     tasks = cli.parse_or_usage(parse_tasks, args.tasks)
+    if args.format != "chat" and all(t.two_turns for t in tasks):
+        raise cli.UsageError(f"{args.tasks} has two turns, which only the chat format holds; add --format chat")
     n_titles, max_new = args.eval_titles or extra["eval_titles"], args.max_new_tokens or extra["max_new_tokens"]
     n_task = args.task_examples or extra["task_examples"]
     resumed = cli.resume_point(args)

@@ -369,6 +369,8 @@ def main(argv=None):
     p.add_argument("--tasks", help="the tasks to measure (default: those the multi-task run trained on)")
     args = p.parse_args(argv)
     try:
+        if args.n <= 0 or args.max_new_tokens <= 0:
+            raise ValueError("--n and --max-new-tokens must be positive")
         base, tokenizer, _ = load_checkpoint(args.base)
         models = [("single-task SFT", load_checkpoint(args.single))] if args.single else []
         models.append(("multi-task SFT", load_checkpoint(args.sft)))

@@ -100,6 +100,7 @@ def test_sft_in_the_chat_format_grows_the_vocabulary_by_the_roles(pretrained, tm
 @pytest.mark.parametrize("argv, message", [
     (["--init-from", "/nonexistent/run"], "no checkpoint"),
     (["--tasks", "haiku"], "unknown task haiku"),
+    (["--tasks", "followup"], "add --format chat"),
     (["--n-head", "3"], None),
 ])
 def test_sft_user_errors_exit_2_with_one_line(pretrained, tmp_path, capsys, argv, message):

@@ -205,3 +205,12 @@ def test_a_follow_up_changes_the_line_length_in_a_second_turn():
     assert prompt_text(ex, CHAT) == (f"<USR>請用以下題目寫一首詩\n早發白帝城<EOT><AST>{QIJUE}<EOT>"
                                      f"<USR>{ex.instruction}<EOT><AST>") and "五言" in ex.instruction
     assert followup.check(WUJUE, ex) and followup.check(WULU, ex) and not followup.check(QIJUE, ex)
+
+
+@pytest.mark.parametrize("argv, message", [(["--n", "0"], "must be positive"), (["--sft", "/nonexistent"], "no checkpoint")])
+def test_the_task_table_refuses_bad_input_in_one_line(argv, message, capsys):
+    from minigpt.tasks import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
