@@ -78,6 +78,9 @@ def print_event(record):
                      f"run-on {record['run_on_rate']:.0%}, regular {record['regular_rate']:.0%}, "
                      f"title lift {100 * record['relevance_lift']:+.0f}, copied {record['copy_rate']:.0%}, "
                      f"repeats {record['repeat_rate']:.0%}, rhymes {rhyme}, length {record['mean_length']:.0f}")
+        if "pref_accuracy" in record:
+            line += (f"\n  held-out pairs: DPO loss {record['pref_loss']:.3f}, preference accuracy "
+                     f"{record['pref_accuracy']:.0%}, reward margin {record['reward_margin']:+.2f}")
         if "tasks" in record:
             line += "\n  tasks on val (complies, stops): " + ", ".join(
                 f"{name} {m['comply']:.0%} {m['stop']:.0%}" for name, m in record["tasks"].items())

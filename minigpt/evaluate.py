@@ -196,8 +196,16 @@ class Yardstick:
             "copy_rate": copy_rate(answers, self.train_clauses),
             "repeat_rate": sum(map(repeats_clause, answers)) / n,
             "distinct_clauses": distinct_clauses(answers),
-            "rhyme_rate": sum(rhymes(a, self.rhyme_groups) for a in regular) / len(regular) if regular else None,
+            "rhyme_rate": self.rhyme_rate(regular),
+            # by length: two line endings (絕句) rhyme by chance far more often than four (律詩)
+            "rhyme_rate_jueju": self.rhyme_rate([a for a in regular if a.count("\n") == 1]),
+            "rhyme_rate_lushi": self.rhyme_rate([a for a in regular if a.count("\n") == 3]),
+            "share_jueju": sum(a.count("\n") == 1 for a in regular) / len(regular) if regular else None,
         }
+
+    def rhyme_rate(self, poems):
+        """The share of the poems that rhyme, None for none."""
+        return sum(rhymes(a, self.rhyme_groups) for a in poems) / len(poems) if poems else None
 
     def calibrate(self, poems, seed=0):
         """(rhyme rate on real regular poems, on the same poems with line endings drawn from other poems)."""
@@ -273,7 +281,9 @@ ROWS = [("stop_rate", "stops at the end marker", "{:.1%}"), ("run_on_rate", "run
         ("relevance", "mentions its title", "{:.1%}"), ("relevance_shuffled", "mentions a shuffled title", "{:.1%}"),
         ("relevance_lift", "title relevance lift (points)", "{:+.1f}"), ("copy_rate", "clauses copied from train", "{:.1%}"),
         ("repeat_rate", "repeats a clause", "{:.1%}"), ("distinct_clauses", "distinct clauses", "{:.1%}"),
-        ("rhyme_rate", "rhymes (of regular answers)", "{:.1%}"), ("val_answer_loss", "val loss per poem token", "{:.3f}"),
+        ("rhyme_rate", "rhymes (of regular answers)", "{:.1%}"), ("share_jueju", "絕句 (of regular answers)", "{:.1%}"),
+        ("rhyme_rate_jueju", "rhymes, 絕句 answers", "{:.1%}"), ("rhyme_rate_lushi", "rhymes, 律詩 answers", "{:.1%}"),
+        ("val_answer_loss", "val loss per poem token", "{:.3f}"),
         ("val_end_loss", "val loss of the end marker", "{:.3f}")]
 
 

@@ -88,3 +88,23 @@ def plot_tasks(log_path, png_path, title="each task's compliance over SFT steps 
             ax.plot([s for s, _ in rows], [100 * m["heads"] for _, m in rows], "--", color=f"C{i}", label=name + ": heads")
     ax.set_ylim(-3, 103)
     return _finish(fig, ax, "% of val examples that comply", title, png_path)
+
+
+def plot_preferences(log_path, png_path, title="preference tuning (DPO), held-out pairs and val titles"):
+    """Left: preference accuracy on held-out pairs, and the rhyme and shape rates on val titles; right: the mean
+    reward margin (beta x the log-ratio gap between chosen and rejected) at each eval."""
+    evals = [r for r in read_log(log_path) if r["kind"] == "eval" and "pref_accuracy" in r]
+    steps = [r["step"] for r in evals]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label, colour in (("pref_accuracy", "preference accuracy (held-out pairs)", "C0"),
+                               ("rhyme_rate", "rhymes (of regular answers)", "C4"), ("regular_rate", "regular shape", "C1"),
+                               ("stop_rate", "stops at the end marker", "C2")):
+        ax.plot(steps, [float("nan") if r.get(key) is None else 100 * r[key] for r in evals], "o-", color=colour, label=label)
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("DPO step")
+    ax.set_ylabel("%")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax2.plot(steps, [r["reward_margin"] for r in evals], "o-", color="C3", label="reward margin")
+    return _finish(fig, ax2, "mean reward margin, chosen - rejected", "implicit reward margin", png_path)

@@ -75,7 +75,11 @@ def test_yardstick_scores_answers_on_one_footing():
     assert out["stop_rate"] is None  # no end marker in this format
     assert out["run_on_rate"] == 0.5 and out["regular_rate"] == 1.0 and out["mean_length"] == len(QUATRAIN)
     assert out["copy_rate"] == 0.5 and out["rhyme_rate"] == 0.5 and out["relevance"] == 1.0
+    assert out["share_jueju"] == 1.0 and out["rhyme_rate_jueju"] == 0.5 and out["rhyme_rate_lushi"] is None
     assert yard.score(["春曉"], [SPRING], stopped=[True])["stop_rate"] == 1.0
+    lushi = QUATRAIN + "\n" + QUATRAIN.replace("白日", "紅日").replace("欲窮", "欲看")  # four endings: 流 樓 流 樓
+    out = yard.score(["a", "b"], [lushi, QUATRAIN])
+    assert out["share_jueju"] == 0.5 and out["rhyme_rate_jueju"] == 1.0 and out["rhyme_rate_lushi"] == 0.0  # 流 twice
 
 
 def test_eval_set_leaves_out_training_titles_and_spreads_over_the_split():

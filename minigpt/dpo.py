@@ -1,0 +1,247 @@
+"""Preference tuning by DPO (Direct Preference Optimization), on preferences a program can check.
+
+For each training prompt the fine-tuned (SFT) model writes several answers; the checkers score them, and a pair
+is (prompt, chosen, rejected): chosen passes the gates and the preference (a poem whose line endings rhyme),
+rejected does not, for the *same* prompt. DPO then raises the chosen answer's log-probability against the
+rejected one's, each measured relative to a frozen copy of the SFT model (the reference):
+
+    loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
+
+where log pi(answer) is the sum of the answer tokens' log-probabilities given the prompt (the prompt is masked
+as in SFT). When the policy is the reference the bracket is 0 and the loss is log 2.
+"""
+import collections
+import json
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from minigpt.checkpoint import replace_durably
+from minigpt.data import TITLE_TO_POEM, MEANINGLESS_TITLES, clauses, clean_title, is_regular, render, sft_batch
+from minigpt.evaluate import complete, first_poem, line_endings, mentions_title, repeats_clause, rhymes
+from minigpt.model import IGNORE_INDEX
+from minigpt.tasks import BY_NAME, Example, examples, prompt_text
+
+# tasks whose answer is one whole poem: a preference on the poem (rhyme, the title) applies to them
+POEM_TASKS = ("poem", "form", "persona", "acrostic", "rhyme", "followup")
+
+
+# ---- what is preferred: a checker of one answer ----
+
+@dataclass(frozen=True)
+class Preference:
+    name: str
+    passes: Callable  # (answer, example, yardstick) -> bool
+    what: str
+
+
+PREFERENCES = {p.name: p for p in (
+    Preference("rhyme", lambda answer, ex, yard: rhymes(answer, yard.rhyme_groups),
+               "its line endings are different characters of one rhyme group"),
+    Preference("title", lambda answer, ex, yard: mentions_title(ex.input, answer),
+               "it holds a content character of its title"),
+)}
+
+
+def gate(answer, stopped, example, yard):
+    """Why an answer cannot be chosen whatever the preference ('' if it can): no end marker, the task's own
+    constraint not met (one regular poem, the asked form ...), a clause written twice, a clause copied from a
+    training poem."""
+    if not stopped:
+        return "no end marker"
+    if answer != first_poem(answer) or not is_regular(answer) or not BY_NAME[example.task].check(answer, example):
+        return "not what the task asks"
+    if repeats_clause(answer):
+        return "repeats a clause"
+    if any(c in yard.train_clauses for c in clauses(answer)):
+        return "copies a training clause"
+    return ""
+
+
+def judge(answer, stopped, example, yard, prefer):
+    """'' when the answer passes the gates and the preference, else why not."""
+    return gate(answer, stopped, example, yard) or ("" if prefer.passes(answer, example, yard) else f"not {prefer.name}")
+
+
+# ---- the prompts, and pairs sampled from the model ----
+
+def dpo_prompts(poems, tasks, rhyme_groups, fmt=TITLE_TO_POEM):
+    """The prompts of the split for the tasks the SFT model was trained on that answer with a whole poem: one per
+    distinct title for title -> poem (the one fixed instruction), the tasks' trained phrasings for the others."""
+    if [t.name for t in tasks] == ["poem"]:
+        seen, out = set(), []
+        for p in poems:
+            title = clean_title(p.title)
+            if title not in MEANINGLESS_TITLES and title not in seen:
+                seen.add(title)
+                out.append(Example("poem", TITLE_TO_POEM.instruction, title, p.body))
+        return out
+    return examples(poems, [t for t in tasks if t.name in POEM_TASKS], rhyme_groups, fmt=fmt)
+
+
+@dataclass
+class Pair:
+    task: str
+    prompt: str  # the whole prompt text, markers included
+    chosen: str
+    rejected: str
+    why_rejected: str  # what the rejected answer fails: the preference alone, or a gate
+    rejected_stopped: bool = True  # the rejected answer ended with the end marker (else it ran to the cap)
+    ref_chosen: float = 0.0  # the reference model's log-probability of the answer (and end marker) given the prompt
+    ref_rejected: float = 0.0
+
+
+def make_pairs(model, tokenizer, exs, yard, prefer, fmt=TITLE_TO_POEM, samples=8, per_prompt=2, max_new_tokens=128,
+               seed=0, batch_size=512):
+    """Sample `samples` answers per example with the evaluation's sampling settings, and pair them (pair_up).
+    Returns (pairs, counts)."""
+    prompts = [prompt_text(ex, fmt) for ex in exs]
+    written = complete(model, tokenizer, [p for p in prompts for _ in range(samples)], max_new_tokens,
+                       batch_size=batch_size, stop=fmt.end, seed=seed)
+    room = model.config.block_size + 1 - len(tokenizer.encode(fmt.end))
+    return pair_up(exs, prompts, [written[i * samples:(i + 1) * samples] for i in range(len(exs))], yard, prefer,
+                   lambda text: len(tokenizer.encode(text, unknown="unk")) <= room, per_prompt)
+
+
+def pair_up(exs, prompts, written, yard, prefer, fits=lambda text: True, per_prompt=2):
+    """Judge each prompt's answers and pair passing with failing ones: up to per_prompt pairs, each failing answer used
+    once, the passing ones in turn.
+    The rejected answer is the nearest miss: one that passes every gate and fails only the preference, of the same
+    length (絕句 or 律詩) as the chosen one, if the prompt has one; so that the pair differs in what is preferred
+    and not in length. Returns (pairs, counts)."""
+    pairs, counts = [], collections.Counter(prompts=len(exs), samples=sum(map(len, written)))
+    for ex, prompt, answers in zip(exs, prompts, written):
+        judged, stops = {}, {}  # distinct answers only
+        for answer, stopped in answers:
+            if not fits(prompt + answer):
+                counts["too long for the context"] += 1  # a pair is scored on whole sequences only
+                continue
+            judged.setdefault(answer, judge(answer, stopped, ex, yard, prefer))
+            stops[answer] = stopped
+        counts.update(why or "passes" for why in judged.values())
+        good, bad, before = [a for a, why in judged.items() if not why], [a for a, why in judged.items() if why], len(pairs)
+        for k in range(min(per_prompt, len(bad)) if good else 0):  # passing answers are rare: each serves in turn
+            chosen = good[k % len(good)]
+            rejected = min(bad, key=lambda a: (judged[a] != f"not {prefer.name}", a.count("\n") != chosen.count("\n")))
+            bad.remove(rejected)
+            pairs.append(Pair(ex.task, prompt, chosen, rejected, judged[rejected], stops[rejected]))
+        counts["prompts_with_a_pair"] += len(pairs) > before
+    counts["pairs"] = len(pairs)
+    return pairs, dict(counts)
+
+
+# ---- the loss ----
+
+def pair_batch(pairs, tokenizer, fmt=TITLE_TO_POEM):
+    """(x_chosen, y_chosen, x_rejected, y_rejected, ref_chosen, ref_rejected): both sides padded to one length,
+    targets only on the answer and its end marker, where it wrote one (the prompt masked as in SFT)."""
+    rendered = [render(tokenizer, p.prompt, p.chosen + fmt.end) for p in pairs] + \
+               [render(tokenizer, p.prompt, p.rejected + fmt.end * p.rejected_stopped) for p in pairs]
+    x, y = sft_batch(rendered, tokenizer.pad_id)
+    n = len(pairs)
+    refs = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], dtype=torch.float32)
+    return x[:n], y[:n], x[n:], y[n:], refs[:, 0], refs[:, 1]
+
+
+def token_logprobs(model, x, y):
+    """(B, T) log p(target) at each position; 0 where the target does not count (y == IGNORE_INDEX)."""
+    logits, _ = model(x)  # (B, T, V)
+    return -F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T)
+
+
+def sequence_logprobs(model, x, y):
+    """(B,) the sum over each row of log p(target) where the target counts: log p(answer | prompt)."""
+    return token_logprobs(model, x, y).sum(dim=1)
+
+
+def implicit_rewards(model, batch, beta):
+    """(reward of chosen, reward of rejected): beta * (log pi - log ref) per pair, one forward pass for both sides."""
+    xc, yc, xr, yr, ref_c, ref_r = batch
+    logp = sequence_logprobs(model, torch.cat([xc, xr]), torch.cat([yc, yr]))  # (2B,)
+    n = xc.size(0)
+    return beta * (logp[:n] - ref_c), beta * (logp[n:] - ref_r)
+
+
+def dpo_loss(model, batch, beta=0.1, sft_weight=0.0):
+    """The DPO loss averaged over the pairs of the batch; with sft_weight, plus that times the SFT loss (nats per
+    token) on the real training poems of the batch's last two tensors, which holds the model to the poems it was
+    tuned on. One forward pass for all rows. Returns (mean, number of pairs), as the training loop asks."""
+    xc, yc, xr, yr, ref_c, ref_r, *real = batch
+    xs, ys = [xc, xr] + real[:1], [yc, yr] + real[1:]
+    T = max(x.size(1) for x in xs)
+    x = torch.cat([F.pad(x, (0, T - x.size(1))) for x in xs])  # (rows, T), padded on the right
+    y = torch.cat([F.pad(y, (0, T - y.size(1)), value=IGNORE_INDEX) for y in ys])
+    per_token = token_logprobs(model, x, y)  # (rows, T)
+    n = xc.size(0)
+    logp = per_token[:2 * n].sum(dim=1)  # (2B,)
+    margin = beta * (logp[:n] - ref_c) - beta * (logp[n:2 * n] - ref_r)
+    loss = -F.logsigmoid(margin).mean()
+    if real and sft_weight:
+        loss = loss + sft_weight * -per_token[2 * n:].sum() / (y[2 * n:] != IGNORE_INDEX).sum()
+    return loss, torch.tensor(n)
+
+
+@torch.no_grad()
+def fill_reference(reference, pairs, tokenizer, fmt=TITLE_TO_POEM, batch_size=64):
+    """Write the reference model's log-probabilities into the pairs (once: the reference never changes)."""
+    was_training = reference.training
+    reference.eval()
+    device = reference.tok_emb.weight.device
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        xc, yc, xr, yr, _, _ = pair_batch(chunk, tokenizer, fmt)
+        logp = sequence_logprobs(reference, torch.cat([xc, xr]).to(device), torch.cat([yc, yr]).to(device)).cpu()
+        for p, c, r in zip(chunk, logp[:len(chunk)].tolist(), logp[len(chunk):].tolist()):
+            p.ref_chosen, p.ref_rejected = c, r
+    reference.train(was_training)
+    return pairs
+
+
+@torch.no_grad()
+def preference_metrics(model, batches, beta):
+    """On held-out pairs: the DPO loss, the preference accuracy (chosen's implicit reward above rejected's) and the
+    mean reward margin."""
+    was_training = model.training
+    model.eval()
+    device = model.tok_emb.weight.device
+    losses, right, margins = [], 0, []
+    for batch in batches:
+        chosen, rejected = implicit_rewards(model, [t.to(device) for t in batch], beta)
+        margin = chosen - rejected
+        losses.append(-F.logsigmoid(margin))
+        right += int((margin > 0).sum())
+        margins.append(margin)
+    model.train(was_training)
+    margin = torch.cat(margins)
+    return {"pref_loss": torch.cat(losses).mean().item(), "pref_accuracy": right / margin.numel(),
+            "reward_margin": margin.mean().item()}
+
+
+# ---- showing the rhyme ----
+
+def mark_endings(answer, groups):
+    """The answer with each line's last character in brackets, and what the rhyme checker says of them."""
+    marked = []
+    for line in answer.split("\n"):
+        body = line.rstrip("，。？！；：、")
+        marked.append(f"{body[:-1]}[{body[-1:]}]{line[len(body):]}" if body else line)
+    ends = line_endings(answer)
+    verdict = "rhymes" if rhymes(answer, groups) else \
+        "no rhyme (" + " ".join(f"{c}:{groups.get(c, '?')}" for c in ends) + ")"
+    return "\n".join(marked) + f"   <- {verdict}"
+
+
+# ---- pairs on disk: a resumed run trains on the same pairs ----
+
+def save_pairs(path, pairs, counts):
+    """Written whole or not at all (a temporary file renamed into place)."""
+    text = json.dumps({"counts": counts, "pairs": [asdict(p) for p in pairs]}, ensure_ascii=False, indent=0)
+    replace_durably(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def load_pairs(path):
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return [Pair(**p) for p in data["pairs"]], data["counts"]

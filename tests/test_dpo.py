@@ -1,0 +1,129 @@
+"""DPO: the loss against a hand computation, log 2 at the reference, pairs labelled by the checker, the prompt masked."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt import dpo
+from minigpt.data import TITLE_TO_POEM, render, sft_batch
+from minigpt.dpo import (PREFERENCES, Pair, dpo_loss, fill_reference, gate, judge, make_pairs, mark_endings, pair_batch, pair_up,
+                         preference_metrics)
+from minigpt.model import GPT, IGNORE_INDEX, GPTConfig
+from minigpt.tasks import Example
+from minigpt.tokenizer import CharTokenizer
+
+RHYMES = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"  # 流 and 樓 in one group
+NO_RHYME = "白日依山盡，黃河入海深。\n欲窮千里目，更上一層樓。"  # 深 in another
+YARD = SimpleNamespace(rhyme_groups={"流": "流", "樓": "流", "深": "深"}, train_clauses={"春眠不覺曉"})
+POEM = Example("poem", TITLE_TO_POEM.instruction, "登樓", "")
+
+
+@pytest.fixture
+def chars():
+    """A tokenizer of the hand-made poems' characters."""
+    return CharTokenizer(RHYMES + NO_RHYME + "登樓春眠不覺曉亂寫秋雨" + TITLE_TO_POEM.instruction)
+
+
+@pytest.fixture
+def model(chars):
+    return GPT(GPTConfig(vocab_size=chars.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def test_the_gates_and_the_preference_on_hand_made_answers():
+    assert judge(RHYMES, True, POEM, YARD, PREFERENCES["rhyme"]) == ""
+    assert judge(NO_RHYME, True, POEM, YARD, PREFERENCES["rhyme"]) == "not rhyme"
+    assert gate(RHYMES, False, POEM, YARD) == "no end marker"
+    assert gate(RHYMES + "\n\n登樓\n白日依山盡", True, POEM, YARD) == "not what the task asks"  # runs on
+    assert gate("白日依山盡，白日依山盡。\n欲窮千里目，更上一層樓。", True, POEM, YARD) == "repeats a clause"
+    assert gate("春眠不覺曉，黃河入海流。\n欲窮千里目，更上一層樓。", True, POEM, YARD) == "copies a training clause"
+    assert judge(RHYMES, True, POEM, YARD, PREFERENCES["title"]) == ""  # 樓 is a content character of 登樓
+    assert judge(RHYMES, True, Example("poem", "", "秋雨", ""), YARD, PREFERENCES["title"]) == "not title"
+
+
+def test_pairs_follow_the_checker(monkeypatch, model, chars):
+    written = {"rhyming and a near miss": [(RHYMES, True), (NO_RHYME, True), ("亂寫", True), (RHYMES, True)],
+               "all fail": [(NO_RHYME, True), ("亂寫", False), (NO_RHYME, True), ("亂", True)]}
+    monkeypatch.setattr(dpo, "complete", lambda m, tok, prompts, *a, **k: [w for ws in written.values() for w in ws])
+    exs = [Example("poem", TITLE_TO_POEM.instruction, "登樓", ""), Example("poem", TITLE_TO_POEM.instruction, "登樓", "")]
+    pairs, counts = make_pairs(model, chars, exs, YARD, PREFERENCES["rhyme"], samples=4, per_prompt=2)
+    # the one passing answer (written twice, counted once) against the near miss first, then against the scrawl
+    assert [(p.chosen, p.rejected, p.why_rejected) for p in pairs] == [(RHYMES, NO_RHYME, "not rhyme"),
+                                                                       (RHYMES, "亂寫", "not what the task asks")]
+    assert pairs[0].prompt == TITLE_TO_POEM.prompt("登樓")
+    assert counts["pairs"] == 2 and counts["prompts_with_a_pair"] == 1 and counts["passes"] == 1
+    # with the preference turned around (title), the same answers pair differently: what is preferred decides
+    flipped, counts = make_pairs(model, chars, exs[:1], YARD, PREFERENCES["title"], samples=4, per_prompt=2)
+    assert counts["passes"] == 2  # both poems name 樓: the one that failed on rhyme passes here
+    assert [(p.chosen, p.rejected, p.why_rejected) for p in flipped] == [(RHYMES, "亂寫", "not what the task asks")]
+
+
+def test_the_nearest_miss_is_rejected_same_length_first():
+    long_miss = NO_RHYME + "\n春來花滿地，秋去雨連天。\n遠望青山外，孤雲自在閒。"  # a 律詩 that fails on rhyme only
+    ex = Example("poem", TITLE_TO_POEM.instruction, "登樓", "")
+    pairs, _ = pair_up([ex], ["p"], [[(long_miss, True), ("亂寫", True), (NO_RHYME, True), (RHYMES, True)]], YARD,
+                       PREFERENCES["rhyme"], per_prompt=3)
+    # the 絕句 against the 絕句 first, then the 律詩 that also fails on rhyme alone, then the scrawl
+    assert [(p.chosen, p.rejected) for p in pairs] == [(RHYMES, NO_RHYME), (RHYMES, long_miss), (RHYMES, "亂寫")]
+    pairs, _ = pair_up([ex], ["p"], [[("亂寫", True), (long_miss, True), (RHYMES, True)]], YARD, PREFERENCES["rhyme"],
+                       per_prompt=1)
+    assert [(p.chosen, p.rejected) for p in pairs] == [(RHYMES, long_miss)]  # a rhyme miss before a gate failure
+
+
+def test_the_prompt_is_masked_and_a_run_on_has_no_end_marker(chars):
+    pair = Pair("poem", TITLE_TO_POEM.prompt("登樓"), RHYMES, NO_RHYME, "no end marker", rejected_stopped=False)
+    xc, yc, xr, yr, _, _ = pair_batch([pair], chars)
+    assert xc.shape == xr.shape  # one length for both sides: one forward pass
+    assert chars.decode(yc[yc != IGNORE_INDEX].tolist()) == RHYMES + "<END>"
+    assert chars.decode(yr[yr != IGNORE_INDEX].tolist()) == NO_RHYME  # what it wrote: it never stopped
+    assert chars.decode(xc[0, :len(pair.prompt) - 0].tolist()).startswith("<INS>")
+
+
+def test_the_loss_equals_a_hand_computation(model, chars):
+    torch.manual_seed(1)
+    model.lm_head.weight.data.normal_()  # a model with opinions
+    pairs = [Pair("poem", TITLE_TO_POEM.prompt("登樓"), RHYMES, NO_RHYME, "not rhyme", True, -40.0, -35.0)]
+    batch = pair_batch(pairs, chars)
+    beta = 0.3
+
+    def logp(text):  # log p(answer + <END> | prompt), token by token
+        ids = chars.encode(TITLE_TO_POEM.prompt("登樓") + text)
+        n_prompt = len(chars.encode(TITLE_TO_POEM.prompt("登樓")))
+        logits = model(torch.tensor([ids[:-1]]))[0][0]
+        return sum(F.log_softmax(logits[t - 1], dim=-1)[ids[t]].item() for t in range(n_prompt, len(ids)))
+
+    margin = beta * ((logp(RHYMES + "<END>") + 40.0) - (logp(NO_RHYME + "<END>") + 35.0))
+    loss, count = dpo_loss(model, batch, beta)
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-margin))), rel=1e-5) and int(count) == 1
+    real = sft_batch([render(chars, TITLE_TO_POEM.prompt("秋雨"), NO_RHYME + "<END>")], chars.pad_id)  # a real poem
+    with_sft, _ = dpo_loss(model, batch + real, beta, sft_weight=0.5)
+    assert with_sft.item() == pytest.approx(loss.item() + 0.5 * model(*real)[1].item(), rel=1e-5)
+
+
+def test_the_loss_is_log_2_when_the_policy_is_the_reference(model, chars):
+    pairs = [Pair("poem", TITLE_TO_POEM.prompt("登樓"), RHYMES, NO_RHYME, "not rhyme"),
+             Pair("poem", TITLE_TO_POEM.prompt("樓"), NO_RHYME, "白日依山盡", "not rhyme", False)]
+    fill_reference(model, pairs, chars)
+    assert all(p.ref_chosen < 0 and p.ref_rejected < 0 for p in pairs)
+    loss, _ = dpo_loss(model, pair_batch(pairs, chars), beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    stats = preference_metrics(model, [pair_batch(pairs, chars)], beta=0.1)
+    assert stats["pref_loss"] == pytest.approx(math.log(2), abs=1e-6) and stats["reward_margin"] == pytest.approx(0, abs=1e-6)
+
+
+def test_a_step_on_a_pair_raises_the_chosen_answer(model, chars):
+    pairs = fill_reference(model, [Pair("poem", TITLE_TO_POEM.prompt("登樓"), RHYMES, NO_RHYME, "not rhyme")], chars)
+    batch = pair_batch(pairs, chars)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        dpo_loss(model.train(), batch)[0].backward()
+        opt.step()
+    stats = preference_metrics(model, [batch], beta=0.1)
+    assert stats["pref_accuracy"] == 1.0 and stats["reward_margin"] > 0 and stats["pref_loss"] < math.log(2)
+
+
+def test_the_rhyming_endings_are_marked():
+    assert mark_endings(RHYMES, YARD.rhyme_groups) == "白日依山盡，黃河入海[流]。\n欲窮千里目，更上一層[樓]。   <- rhymes"
+    assert mark_endings(NO_RHYME, YARD.rhyme_groups).endswith("<- no rhyme (深:深 樓:流)")

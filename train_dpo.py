@@ -1,0 +1,182 @@
+"""Stage 3: preference tuning by DPO. Start from the fine-tuned checkpoint, let it write several answers to each
+training prompt, pair an answer the checkers prefer (it rhymes) with one they do not, and train on the pairs.
+
+    python train_dpo.py                       # after python train_sft.py; about 10 minutes on 2 CPU cores
+    python train_dpo.py --prefer title        # another preference, the same algorithm: answers that name their title
+    python train_dpo.py --init-from runs/dpo --out-dir runs/dpo2    # a second round: fresh pairs from the tuned model
+
+The pairs are sampled once, up front, from the starting model (which is also the frozen reference) and kept in
+pairs.json. Every eval prints the DPO loss, the preference accuracy and the reward margin on held-out pairs (val
+titles), the answer val loss and the behaviour on val titles; test titles appear only in the final table.
+"""
+import os
+import random
+import time
+
+import torch
+
+from minigpt import cli
+from minigpt.checkpoint import CheckpointError, load_checkpoint
+from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, SFTData, build_tokenizer, load_poems, split_poems
+from minigpt.dpo import (PREFERENCES, dpo_loss, dpo_prompts, fill_reference, load_pairs, make_pairs, mark_endings,
+                         pair_batch, preference_metrics, save_pairs)
+from minigpt.evaluate import (Yardstick, eval_set, format_table, loss_batches, measure, reference, table_note, val_sample,
+                              write_answers)
+from minigpt.model import GPT
+from minigpt.plot import plot_preferences
+from minigpt.tasks import CHAT, CHAT_POEM, parse_tasks
+from minigpt.train import TrainConfig, train
+
+DEMO_TITLES = ["春夜喜雨", "靜夜思", "秋日登樓", "送友人"]
+
+PRESETS = {
+    "tiny": dict(batch_size=4, lr=1e-4, min_lr=1e-5, warmup_steps=2, max_steps=10, eval_every=5, sample_every=5,
+                 eval_batches=1, log_every=5, dtype="float32", prompts=8, val_prompts=8, samples=4, eval_titles=6,
+                 max_new_tokens=40, beta=0.1),
+    # float32: the policy's log-probabilities are computed as the reference's were, so step 0 gives exactly log 2
+    "cpu": dict(batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=10, max_steps=100000, max_minutes=3.0, eval_every=50,
+                sample_every=100, eval_batches=8, log_every=10, dtype="float32", prompts=3000, val_prompts=400,
+                samples=8, eval_titles=200, max_new_tokens=128, beta=0.3),
+    "gpu": dict(batch_size=32, lr=5e-5, min_lr=5e-6, warmup_steps=20, max_steps=100000, max_minutes=5.0, eval_every=100,
+                sample_every=100, eval_batches=16, log_every=25, prompts=20000, val_prompts=1000, samples=16,
+                eval_titles=500, max_new_tokens=256, beta=0.1),
+}
+
+
+def main(argv=None):
+    parser = cli.make_parser(__doc__, PRESETS, os.path.join("runs", "dpo"), model_flags=())
+    parser.add_argument("--init-from", default=os.path.join("runs", "sft"), help="the fine-tuned run (or checkpoint) to "
+                        "start from; it is also the frozen reference and writes the pairs")
+    parser.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus the models were trained on")
+    parser.add_argument("--prefer", choices=sorted(PREFERENCES), default="rhyme",
+                        help="what makes an answer chosen: " + "; ".join(f"{p.name}: {p.what}" for p in PREFERENCES.values()))
+    parser.add_argument("--beta", type=float, help="the implicit reward is beta * (log pi - log ref): the larger, the "
+                        "less the policy needs to move to separate a pair")
+    parser.add_argument("--sft-weight", type=float, default=1.0, help="weight of the SFT loss on real training poems "
+                        "added to the DPO loss, which holds the model to the poems it was tuned on; 0: DPO alone")
+    parser.add_argument("--prompts", type=int, help="training prompts to sample answers for")
+    parser.add_argument("--val-prompts", type=int, help="val prompts whose pairs are held out to measure the preference")
+    parser.add_argument("--samples", type=int, help="answers sampled per prompt")
+    parser.add_argument("--pairs-per-prompt", type=int, default=4, help="at most this many pairs from one prompt")
+    parser.add_argument("--eval-titles", type=int, help="val titles measured at every eval; as many test titles at the end")
+    parser.add_argument("--max-new-tokens", type=int, help="longest answer when sampling and measuring")
+    args = parser.parse_args(argv)
+    _, cfg, device, extra = cli.resolve(args, PRESETS)
+    for name in ("prompts", "val_prompts", "samples", "eval_titles", "max_new_tokens", "beta"):
+        value = getattr(args, name) if getattr(args, name) is not None else extra[name]
+        if value <= 0:
+            raise cli.UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        setattr(args, name, value)
+    if args.sft_weight < 0 or args.pairs_per_prompt <= 0:
+        raise cli.UsageError("--pairs-per-prompt must be positive and --sft-weight not negative")
+    resumed = cli.resume_point(args)
+    if resumed:  # the run goes on with its own settings and its own pairs
+        model, tokenizer, ckpt = resumed
+        cfg = TrainConfig(**ckpt["train_config"])
+        for name in ("init_from", "prefer", "beta", "sft_weight", "eval_titles", "max_new_tokens"):
+            setattr(args, name, ckpt[name])
+        ref, _, ref_ckpt = load_checkpoint(args.init_from)
+        print(f"resuming {args.out_dir} at step {ckpt['step']}")
+    else:
+        ref, tokenizer, ref_ckpt = load_checkpoint(args.init_from)
+        if ref_ckpt.get("stage") not in ("sft", "dpo"):
+            raise CheckpointError(f"{args.init_from} is a {ref_ckpt.get('stage', 'pretraining')} checkpoint; DPO starts "
+                                  "from a fine-tuned one: run python train_sft.py first, or pass --init-from runs/sft")
+        model = GPT(ref.config)
+        model.load_state_dict(ref.state_dict())
+    chat = ref_ckpt.get("format", "ins") == "chat"
+    fmt, poem_fmt = (CHAT, CHAT_POEM) if chat else (TITLE_TO_POEM, TITLE_TO_POEM)
+    tasks = parse_tasks(ref_ckpt.get("tasks", "poem"))
+    splits = split_poems(load_poems(args.corpus))
+    expected = build_tokenizer(splits["train"])
+    if (expected.with_roles() if chat else expected).itos != tokenizer.itos:
+        raise CheckpointError(f"{args.init_from} was made with another tokenizer than {args.corpus} gives; "
+                              "pass the corpus it was trained on with --corpus")
+    prefer, yard, T = PREFERENCES[args.prefer], Yardstick(splits["train"]), model.config.block_size
+    ref.to(device).eval().requires_grad_(False)
+
+    pairs_path = os.path.join(args.out_dir, "pairs.json")
+    if resumed:
+        pairs, counts = load_pairs(pairs_path)
+        val_pairs, val_counts = load_pairs(os.path.join(args.out_dir, "val_pairs.json"))
+    else:  # sampled once from the reference, which is the policy at step 0: the pairs are on-policy there
+        t = time.time()
+        prompts = dpo_prompts(splits["train"], tasks, yard.rhyme_groups, fmt)
+        random.Random(cfg.seed).shuffle(prompts)  # titles from the whole corpus, not the first poets alone
+        sampling = dict(fmt=fmt, samples=args.samples, per_prompt=args.pairs_per_prompt, max_new_tokens=args.max_new_tokens)
+        pairs, counts = make_pairs(ref, tokenizer, prompts[:args.prompts], yard, prefer, seed=cfg.seed, **sampling)
+        val_prompts = dpo_prompts(splits["val"], tasks, yard.rhyme_groups, fmt)
+        random.Random(cfg.seed).shuffle(val_prompts)
+        val_pairs, val_counts = make_pairs(ref, tokenizer, val_prompts[:args.val_prompts], yard, prefer,
+                                           seed=cfg.seed + 1, **dict(sampling, per_prompt=1))
+        if not pairs or not val_pairs:
+            raise cli.UsageError(f"no pair: among {counts['samples']} answers none was {prefer.name} and passed the gates "
+                                 "(or none failed); sample more with --prompts and --samples")
+        for ps in (pairs, val_pairs):
+            fill_reference(ref, ps, tokenizer, fmt)
+        os.makedirs(args.out_dir, exist_ok=True)
+        save_pairs(pairs_path, pairs, counts)
+        save_pairs(os.path.join(args.out_dir, "val_pairs.json"), val_pairs, val_counts)
+        print(f"pairs from {counts['samples']} answers to {counts['prompts']} train prompts in {time.time() - t:.0f} s: "
+              + ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("samples", "prompts")))
+        print(f"held-out pairs from {val_counts['prompts']} val prompts: {len(val_pairs)}")
+        print(f"a pair ({prefer.name}):\n{pairs[0].prompt}\n  chosen:   {pairs[0].chosen}\n  rejected: {pairs[0].rejected}"
+              f"   ({pairs[0].why_rejected})")
+
+    val_batches = [pair_batch(val_pairs[i:i + 64], tokenizer, fmt) for i in range(0, len(val_pairs), 64)]
+    val = loss_batches(tokenizer, val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size), poem_fmt,
+                       batch_size=cfg.batch_size)  # the loop's val loss: the real val poems' answer tokens
+    val_set = eval_set(splits["val"], splits["train"], args.eval_titles)
+    print(f"from {args.init_from} (step {ref_ckpt['step']}): {len(pairs)} pairs, {len(val_pairs)} held out; preferred: "
+          f"{prefer.what}; beta {args.beta}, SFT weight {args.sft_weight}; writing to {args.out_dir}")
+
+    def sample(m, step):
+        answers = write_answers(m, tokenizer, DEMO_TITLES, poem_fmt, max_new_tokens=args.max_new_tokens)
+        return {"samples": [{"title": t, "answer": a, "stopped": s,
+                             "shown": f"[{t}]{'' if s else ' (no end marker)'}\n{mark_endings(a, yard.rhyme_groups)}"}
+                            for t, (a, s) in zip(DEMO_TITLES, answers)]}
+
+    def metrics(m, step):
+        out = measure(m, tokenizer, val_set.titles, yard, poem_fmt, val=val, max_new_tokens=args.max_new_tokens)
+        return {**out, **preference_metrics(m, val_batches, args.beta)}
+
+    extra_ckpt = {"stage": "dpo", "model_config": model.config.__dict__.copy(), "tokenizer": tokenizer.to_list(),
+                  "init_from": os.path.abspath(args.init_from), "prefer": args.prefer, "beta": args.beta,
+                  "sft_weight": args.sft_weight, "eval_titles": args.eval_titles, "max_new_tokens": args.max_new_tokens,
+                  "tasks": ref_ckpt.get("tasks", "poem"), "format": ref_ckpt.get("format", "ins")}
+
+    real = SFTData(splits["train"], tokenizer, T, regular_only=True, fmt=poem_fmt) if args.sft_weight else None
+
+    def get_batch(gen):  # pairs, and as many real training poems when the SFT loss is added
+        batch = pair_batch([pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size,), generator=gen).tolist()],
+                           tokenizer, fmt)
+        return batch + (real.get_batch(cfg.batch_size, tokenizer.pad_id, gen) if real else ())
+
+    result = train(model, cfg, get_batch, val["poem"], args.out_dir, extra_ckpt, sample=sample, metrics=metrics,
+                   on_event=cli.print_event, device=device, resume_from=ckpt if resumed else None,
+                   loss_fn=lambda m, batch: dpo_loss(m, batch, args.beta, args.sft_weight))
+    if not cli.is_lead():
+        return result
+
+    # the final table, and the only place test titles are used
+    test_set = eval_set(splits["test"], splits["train"], args.eval_titles)
+    columns = [("real poems", reference(yard, test_set))] + [
+        (name, measure(m, tokenizer, test_set.titles, yard, poem_fmt, val, args.max_new_tokens))
+        for name, m in (("SFT (reference)", ref), (f"DPO ({prefer.name})", model.to(device)))]
+    table = format_table(columns, table_note(test_set, yard, splits) + f" Pairs: {len(pairs)} from {counts['prompts']} "
+                         f"train prompts; preference accuracy on {len(val_pairs)} held-out val pairs "
+                         f"{result['pref_accuracy']:.1%}.")
+    print("\n" + table)
+    with open(os.path.join(args.out_dir, "table.txt"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    plot_preferences(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "preference.png"))
+    sft, dpo = columns[1][1], columns[2][1]
+    rate = lambda c: "—" if c["rhyme_rate"] is None else f"{c['rhyme_rate']:.0%}"
+    print(f"done: step {result['step']}, {result['elapsed_s']:.0f} s; on test titles, SFT -> DPO: rhymes {rate(sft)} -> "
+          f"{rate(dpo)}, regular {sft['regular_rate']:.0%} -> {dpo['regular_rate']:.0%}, stop {sft['stop_rate']:.0%} -> "
+          f"{dpo['stop_rate']:.0%}; see {args.out_dir}/table.txt, preference.png")
+    return {**result, "columns": columns}
+
+
+if __name__ == "__main__":
+    cli.run(main, None, "train_dpo.py")
