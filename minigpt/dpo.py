@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.checkpoint import replace_durably
-from minigpt.data import TITLE_TO_POEM, MEANINGLESS_TITLES, clauses, clean_title, is_regular, render, sft_batch
+from minigpt.data import MEANINGLESS_TITLES, REGULAR_LINE, TITLE_TO_POEM, clauses, clean_title, is_regular, render, sft_batch
 from minigpt.evaluate import complete, first_poem, line_endings, mentions_title, repeats_clause, rhymes
 from minigpt.model import IGNORE_INDEX
 from minigpt.tasks import BY_NAME, Example, examples, prompt_text
@@ -94,23 +94,29 @@ class Pair:
 
 
 def make_pairs(model, tokenizer, exs, yard, prefer, fmt=TITLE_TO_POEM, samples=8, per_prompt=2, max_new_tokens=128,
-               seed=0, batch_size=512):
+               seed=0, batch_size=512, shared_start=True):
     """Sample `samples` answers per example with the evaluation's sampling settings, and pair them (pair_up).
-    Returns (pairs, counts)."""
+    shared_start: the model first writes one answer per prompt; its first line (couplet), if regular, then starts
+    all the samples of that prompt, so that a pair differs only after it, where the rhyme is decided (the shared
+    tokens add the same log-probability to both sides, and cancel in the loss). Returns (pairs, counts)."""
     prompts = [prompt_text(ex, fmt) for ex in exs]
-    written = complete(model, tokenizer, [p for p in prompts for _ in range(samples)], max_new_tokens,
-                       batch_size=batch_size, stop=fmt.end, seed=seed)
+    starts = [""] * len(exs)
+    if shared_start:
+        first = complete(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, stop=fmt.end, seed=seed + 1)
+        starts = [a.split("\n")[0] + "\n" if "\n" in a and REGULAR_LINE.match(a.split("\n")[0]) else "" for a, _ in first]
+    written = complete(model, tokenizer, [p + s for p, s in zip(prompts, starts) for _ in range(samples)],
+                       max_new_tokens, batch_size=batch_size, stop=fmt.end, seed=seed)
     room = model.config.block_size + 1 - len(tokenizer.encode(fmt.end))
-    return pair_up(exs, prompts, [written[i * samples:(i + 1) * samples] for i in range(len(exs))], yard, prefer,
-                   lambda text: len(tokenizer.encode(text, unknown="unk")) <= room, per_prompt)
+    answers = [[(s + a, stopped) for a, stopped in written[i * samples:(i + 1) * samples]] for i, s in enumerate(starts)]
+    return pair_up(exs, prompts, answers, yard, prefer, lambda text: len(tokenizer.encode(text, unknown="unk")) <= room,
+                   per_prompt)
 
 
 def pair_up(exs, prompts, written, yard, prefer, fits=lambda text: True, per_prompt=2):
     """Judge each prompt's answers and pair passing with failing ones: up to per_prompt pairs, each failing answer used
-    once, the passing ones in turn.
-    The rejected answer is the nearest miss: one that passes every gate and fails only the preference, of the same
-    length (絕句 or 律詩) as the chosen one, if the prompt has one; so that the pair differs in what is preferred
-    and not in length. Returns (pairs, counts)."""
+    once, the passing ones in turn. The rejected answer is the nearest miss first: one that passes every gate and
+    fails only the preference; such an answer must have the chosen one's length (絕句 or 律詩), so that the pair
+    differs in what is preferred and not in length. Then answers that fail a gate. Returns (pairs, counts)."""
     pairs, counts = [], collections.Counter(prompts=len(exs), samples=sum(map(len, written)))
     for ex, prompt, answers in zip(exs, prompts, written):
         judged, stops = {}, {}  # distinct answers only
@@ -122,9 +128,13 @@ def pair_up(exs, prompts, written, yard, prefer, fits=lambda text: True, per_pro
             stops[answer] = stopped
         counts.update(why or "passes" for why in judged.values())
         good, bad, before = [a for a, why in judged.items() if not why], [a for a, why in judged.items() if why], len(pairs)
-        for k in range(min(per_prompt, len(bad)) if good else 0):  # passing answers are rare: each serves in turn
+        for k in range(per_prompt if good else 0):  # passing answers are rare: each serves in turn
             chosen = good[k % len(good)]
-            rejected = min(bad, key=lambda a: (judged[a] != f"not {prefer.name}", a.count("\n") != chosen.count("\n")))
+            # a near miss of another length would teach the length: only a gate failure may differ in it
+            fair = [a for a in bad if judged[a] != f"not {prefer.name}" or a.count("\n") == chosen.count("\n")]
+            if not fair:
+                break
+            rejected = min(fair, key=lambda a: judged[a] != f"not {prefer.name}")
             bad.remove(rejected)
             pairs.append(Pair(ex.task, prompt, chosen, rejected, judged[rejected], stops[rejected]))
         counts["prompts_with_a_pair"] += len(pairs) > before
@@ -201,8 +211,8 @@ def fill_reference(reference, pairs, tokenizer, fmt=TITLE_TO_POEM, batch_size=64
 
 @torch.no_grad()
 def preference_metrics(model, batches, beta):
-    """On held-out pairs: the DPO loss, the preference accuracy (chosen's implicit reward above rejected's) and the
-    mean reward margin."""
+    """On held-out pairs: the DPO loss, the preference accuracy (chosen's implicit reward above rejected's; a tie
+    counts half, so the reference itself scores 50%, chance) and the mean reward margin."""
     was_training = model.training
     model.eval()
     device = model.tok_emb.weight.device
@@ -211,7 +221,7 @@ def preference_metrics(model, batches, beta):
         chosen, rejected = implicit_rewards(model, [t.to(device) for t in batch], beta)
         margin = chosen - rejected
         losses.append(-F.logsigmoid(margin))
-        right += int((margin > 0).sum())
+        right += float((margin > 0).sum() + 0.5 * (margin == 0).sum())
         margins.append(margin)
     model.train(was_training)
     margin = torch.cat(margins)

@@ -47,28 +47,44 @@ def test_pairs_follow_the_checker(monkeypatch, model, chars):
                "all fail": [(NO_RHYME, True), ("亂寫", False), (NO_RHYME, True), ("亂", True)]}
     monkeypatch.setattr(dpo, "complete", lambda m, tok, prompts, *a, **k: [w for ws in written.values() for w in ws])
     exs = [Example("poem", TITLE_TO_POEM.instruction, "登樓", ""), Example("poem", TITLE_TO_POEM.instruction, "登樓", "")]
-    pairs, counts = make_pairs(model, chars, exs, YARD, PREFERENCES["rhyme"], samples=4, per_prompt=2)
+    pairs, counts = make_pairs(model, chars, exs, YARD, PREFERENCES["rhyme"], samples=4, per_prompt=2, shared_start=False)
     # the one passing answer (written twice, counted once) against the near miss first, then against the scrawl
     assert [(p.chosen, p.rejected, p.why_rejected) for p in pairs] == [(RHYMES, NO_RHYME, "not rhyme"),
                                                                        (RHYMES, "亂寫", "not what the task asks")]
     assert pairs[0].prompt == TITLE_TO_POEM.prompt("登樓")
     assert counts["pairs"] == 2 and counts["prompts_with_a_pair"] == 1 and counts["passes"] == 1
     # with the preference turned around (title), the same answers pair differently: what is preferred decides
-    flipped, counts = make_pairs(model, chars, exs[:1], YARD, PREFERENCES["title"], samples=4, per_prompt=2)
+    flipped, counts = make_pairs(model, chars, exs[:1], YARD, PREFERENCES["title"], samples=4, per_prompt=2,
+                                 shared_start=False)
     assert counts["passes"] == 2  # both poems name 樓: the one that failed on rhyme passes here
     assert [(p.chosen, p.rejected, p.why_rejected) for p in flipped] == [(RHYMES, "亂寫", "not what the task asks")]
 
 
-def test_the_nearest_miss_is_rejected_same_length_first():
+def test_the_samples_of_a_prompt_share_its_first_couplet(monkeypatch, model, chars):
+    first, second = RHYMES.split("\n")
+    asked = []
+
+    def complete(m, tok, prompts, *a, **k):
+        asked.append(prompts)
+        if len(asked) == 1:  # one whole answer per prompt: its first line starts every sample
+            return [(RHYMES, True)]
+        return [(second, True), (NO_RHYME.split("\n")[1].replace("樓", "深"), True)]
+    monkeypatch.setattr(dpo, "complete", complete)
+    pairs, _ = make_pairs(model, chars, [POEM], YARD, PREFERENCES["rhyme"], samples=2, per_prompt=1)
+    assert asked[1] == [TITLE_TO_POEM.prompt("登樓") + first + "\n"] * 2
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [(TITLE_TO_POEM.prompt("登樓"), RHYMES, first + "\n欲窮千里目，更上一層深。")]
+
+
+def test_the_nearest_miss_is_rejected_and_never_one_of_another_length():
     long_miss = NO_RHYME + "\n春來花滿地，秋去雨連天。\n遠望青山外，孤雲自在閒。"  # a 律詩 that fails on rhyme only
     ex = Example("poem", TITLE_TO_POEM.instruction, "登樓", "")
     pairs, _ = pair_up([ex], ["p"], [[(long_miss, True), ("亂寫", True), (NO_RHYME, True), (RHYMES, True)]], YARD,
                        PREFERENCES["rhyme"], per_prompt=3)
-    # the 絕句 against the 絕句 first, then the 律詩 that also fails on rhyme alone, then the scrawl
-    assert [(p.chosen, p.rejected) for p in pairs] == [(RHYMES, NO_RHYME), (RHYMES, long_miss), (RHYMES, "亂寫")]
-    pairs, _ = pair_up([ex], ["p"], [[("亂寫", True), (long_miss, True), (RHYMES, True)]], YARD, PREFERENCES["rhyme"],
-                       per_prompt=1)
-    assert [(p.chosen, p.rejected) for p in pairs] == [(RHYMES, long_miss)]  # a rhyme miss before a gate failure
+    # the 絕句 against the 絕句 first, then the scrawl; never the 律詩 that fails on rhyme alone: it would teach length
+    assert [(p.chosen, p.rejected) for p in pairs] == [(RHYMES, NO_RHYME), (RHYMES, "亂寫")]
+    pairs, _ = pair_up([ex], ["p"], [[("亂寫", True), (long_miss, True), (RHYMES, True), (NO_RHYME, True)]], YARD,
+                       PREFERENCES["rhyme"], per_prompt=1)
+    assert [(p.chosen, p.rejected) for p in pairs] == [(RHYMES, NO_RHYME)]  # a rhyme miss before a gate failure
 
 
 def test_the_prompt_is_masked_and_a_run_on_has_no_end_marker(chars):
@@ -110,6 +126,7 @@ def test_the_loss_is_log_2_when_the_policy_is_the_reference(model, chars):
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     stats = preference_metrics(model, [pair_batch(pairs, chars)], beta=0.1)
     assert stats["pref_loss"] == pytest.approx(math.log(2), abs=1e-6) and stats["reward_margin"] == pytest.approx(0, abs=1e-6)
+    assert stats["pref_accuracy"] == 0.5  # every pair a tie: chance, not 0%
 
 
 def test_a_step_on_a_pair_raises_the_chosen_answer(model, chars):
