@@ -151,6 +151,7 @@ class PromptFormat:
 
 TITLE_TO_POEM = PromptFormat()  # <INS>請用以下題目寫一首詩<INP>{title}<RES>{poem}<END>
 PLAIN = PromptFormat(instruction="", ins="", inp="", res="\n", end="\n\n")  # pretraining text: {title}\n{poem}\n\n
+CHAT_POEM = PromptFormat(ins="<USR>", inp="\n", res="<EOT><AST>", end="<EOT>")  # title -> poem with chat roles
 
 
 # ---- pretraining: poems written one after another, as plain text ----

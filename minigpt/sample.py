@@ -2,6 +2,7 @@
 
     python -m minigpt.sample --title 春夜喜雨 靜夜思          # with the fine-tuned model in runs/sft
     python -m minigpt.sample --checkpoint runs/pretrain --title 春夜喜雨   # the base model just continues
+    python -m minigpt.sample --checkpoint runs/dpo --title 春夜喜雨        # the preference-tuned model
 
 Titles are checked first: characters the model never saw are named (with the traditional form where the
 corpus knows it), and an empty or too long title is refused, each with a one-line message.
@@ -13,7 +14,7 @@ import sys
 
 import torch
 
-from minigpt.data import PLAIN, TITLE_TO_POEM
+from minigpt.data import CHAT_POEM, PLAIN, TITLE_TO_POEM
 from minigpt.tokenizer import ROLE_TOKENS, SPECIAL_TOKENS
 
 SIMPLIFIED_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "poems", "simplified.json")
@@ -54,6 +55,14 @@ def check_title(title, tokenizer, block_size, fmt=TITLE_TO_POEM, min_answer=16, 
     return title
 
 
+def answer_format(ckpt):
+    """The prompt format a checkpoint answers in: plain text for a base model, the SFT format for a fine-tuned or
+    preference-tuned one (the chat format's, if it was trained on that)."""
+    if ckpt.get("stage") not in ("sft", "dpo"):
+        return PLAIN
+    return CHAT_POEM if ckpt.get("format") == "chat" else TITLE_TO_POEM
+
+
 def continue_texts(model, tokenizer, prompts, max_new_tokens, temperature=0.8, top_k=50, top_p=None, seed=0, stop_ids=()):
     """For each prompt string, the text the model writes after it (special tokens shown as they are)."""
     gen = torch.Generator(device=model.tok_emb.weight.device).manual_seed(seed)
@@ -84,18 +93,18 @@ def main(argv=None):
         if args.max_new_tokens <= 0 or args.temperature < 0 or (args.top_k is not None and args.top_k <= 0):
             raise TitleError("--max-new-tokens and --top-k must be positive and --temperature not negative")
         model, tokenizer, ckpt = load_checkpoint(args.checkpoint, pick_device(args.device))
-        fmt = TITLE_TO_POEM if ckpt.get("stage") == "sft" else PLAIN  # a base model only knows plain text
+        fmt = answer_format(ckpt)  # a base model only knows plain text
         titles = [check_title(t, tokenizer, model.config.block_size, fmt, allow_unknown=args.allow_unknown) for t in args.title]
     except (CheckpointError, TitleError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     prompts = [fmt.prompt(t) for t in titles]
     answers = continue_texts(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                             args.seed, stop_ids=[tokenizer.end_id])
+                             args.seed, stop_ids=[tokenizer.stoi.get(fmt.end, tokenizer.end_id)])
+    end = fmt.end if fmt.end in tokenizer.stoi else TITLE_TO_POEM.end
     for title, answer in zip(titles, answers):
-        stopped = answer.endswith(TITLE_TO_POEM.end)
-        print(f"【{title}】\n{answer.removesuffix(TITLE_TO_POEM.end)}")
-        print("(stopped at <END>)\n" if stopped else f"(no <END> within {args.max_new_tokens} tokens)\n")
+        print(f"【{title}】\n{answer.removesuffix(end)}")
+        print(f"(stopped at {end})\n" if answer.endswith(end) else f"(no {end} within {args.max_new_tokens} tokens)\n")
     return answers
 
 

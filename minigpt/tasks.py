@@ -13,13 +13,12 @@ from typing import Callable
 
 import torch
 
-from minigpt.data import (MEANINGLESS_TITLES, PUNCTUATION, TITLE_TO_POEM, PromptFormat, SFTData, clauses, clean_title,
-                          is_regular, render, spread)
+from minigpt.data import (CHAT_POEM, MEANINGLESS_TITLES, PUNCTUATION, TITLE_TO_POEM, PromptFormat, SFTData, clauses,
+                          clean_title, is_regular, render, spread)
 from minigpt.evaluate import SAMPLING, complete, content_chars, first_poem, line_endings, runs_on
 
 # the chat format: roles as single ids; CHAT_POEM is today's title -> poem instruction in it
 CHAT = PromptFormat(instruction="", ins="<USR>", inp="\n", res="<EOT><AST>", end="<EOT>")
-CHAT_POEM = PromptFormat(instruction="請用以下題目寫一首詩", ins="<USR>", inp="\n", res="<EOT><AST>", end="<EOT>")
 
 # the four regular forms: characters per clause and couplets (lines); 絕句 has 2 couplets, 律詩 4
 FORMS = {"五言絕句": (5, 2), "七言絕句": (7, 2), "五言律詩": (5, 4), "七言律詩": (7, 4)}

@@ -40,6 +40,14 @@ def test_titles_are_checked(tokenizer, splits):
     assert check_title(title + "x", tokenizer, 64, allow_unknown=True) == title + "x"
 
 
+def test_each_stage_is_prompted_in_the_format_it_learnt():
+    from minigpt.tasks import CHAT_POEM
+    assert sample.answer_format({"stage": "pretrain"}).prompt("春") == "春\n"
+    for stage in ("sft", "dpo"):
+        assert sample.answer_format({"stage": stage}).prompt("春") == "<INS>請用以下題目寫一首詩<INP>春<RES>"
+        assert sample.answer_format({"stage": stage, "format": "chat"}) == CHAT_POEM
+
+
 def test_sample_writes_for_each_title(runs, capsys, tokenizer, splits):
     _, sft = runs
     title = splits["train"][0].title.split()[0][:4]
