@@ -183,6 +183,18 @@ def test_dpo_runs_from_the_sft_checkpoint(finetuned, tmp_path, monkeypatch):
     assert (tmp_path / "preference.png").stat().st_size > 1000 and "rhymes" in (tmp_path / "table.txt").read_text(encoding="utf-8")
 
 
+def test_dpo_from_a_multi_task_chat_model_asks_its_tasks_in_its_format(pretrained, tmp_path, monkeypatch):
+    sft, out = tmp_path / "sft", tmp_path / "dpo"
+    train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(pretrained[0]), "--out-dir", str(sft),
+                    "--device", "cpu", "--tasks", "poem,form,naming", "--format", "chat", "--max-steps", "4"])
+    monkeypatch.setattr(dpo, "judge", stand_in_judge)
+    train_dpo.main(DPO + ["--init-from", str(sft), "--out-dir", str(out), "--prompts", "24", "--max-steps", "2"])
+    pairs = json.loads((out / "pairs.json").read_text(encoding="utf-8"))["pairs"]
+    assert {p["task"] for p in pairs} == {"poem", "form"}  # naming answers with a title, not a poem: no rhyme to prefer
+    assert all(p["prompt"].startswith("<USR>") and p["prompt"].endswith("<EOT><AST>") for p in pairs)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["format"] == "chat"
+
+
 def test_dpo_interrupted_resumes_on_its_own_pairs_to_the_same_weights(finetuned, tmp_path, monkeypatch, capsys):
     from minigpt.cli import run
     monkeypatch.setattr(dpo, "judge", stand_in_judge)
