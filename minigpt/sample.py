@@ -4,11 +4,12 @@
     python -m minigpt.sample --checkpoint runs/pretrain --title 春夜喜雨   # the base model just continues
     python -m minigpt.sample --checkpoint runs/dpo --title 春夜喜雨        # the preference-tuned model
 
-Titles are checked first: characters the model never saw are named (with the traditional form where the
-corpus knows it), and an empty or too long title is refused, each with a one-line message.
+Titles may be typed in simplified characters: OpenCC turns them into the corpus's traditional ones (shown), and
+--simplified prints the answers back in simplified. Titles are checked first: characters the model never saw even
+after that are named, and an empty or too long title is refused, each with a one-line message.
 """
 import argparse
-import json
+import functools
 import os
 import sys
 
@@ -17,25 +18,30 @@ import torch
 from minigpt.data import CHAT_POEM, PLAIN, TITLE_TO_POEM
 from minigpt.tokenizer import ROLE_TOKENS, SPECIAL_TOKENS
 
-SIMPLIFIED_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "poems", "simplified.json")
-
-
 class TitleError(ValueError):
     """A title the model cannot take; the message says why and what to do."""
 
 
-def traditional_hints(chars, table_path=SIMPLIFIED_TABLE):
-    """{simplified: traditional} for those chars the corpus-derived table knows."""
-    if not os.path.exists(table_path):
-        return {}
-    with open(table_path, encoding="utf-8") as f:
-        table = json.load(f)
-    return {c: table[c] for c in chars if c in table}
+@functools.lru_cache(maxsize=None)
+def _converter(config):
+    import opencc  # OpenCC's character and phrase tables: simplified <-> traditional Chinese
+    return opencc.OpenCC(config)
+
+
+def to_traditional(text):
+    """Simplified Chinese -> traditional, as the corpus writes it (登鹳雀楼 -> 登鸛雀樓); traditional text stays."""
+    return _converter("s2t").convert(text)
+
+
+def to_simplified(text):
+    """Traditional Chinese -> simplified, for readers who read simplified characters."""
+    return _converter("t2s").convert(text)
 
 
 def check_title(title, tokenizer, block_size, fmt=TITLE_TO_POEM, min_answer=16, allow_unknown=False):
-    """The title, stripped, if the model can take it; else TitleError with a one-line reason."""
-    title = title.strip()
+    """The title, stripped and in traditional characters, if the model can take it; else TitleError with a one-line
+    reason."""
+    title = to_traditional(title.strip())
     if not title:
         raise TitleError("empty title: give a few characters, e.g. --title 春夜喜雨")
     markers = [t for t in SPECIAL_TOKENS + ROLE_TOKENS if t in title]
@@ -44,10 +50,8 @@ def check_title(title, tokenizer, block_size, fmt=TITLE_TO_POEM, min_answer=16, 
                          "not text; leave it out")
     missing = tokenizer.unknown_chars(title)
     if missing and not allow_unknown:
-        hints = traditional_hints(missing)
-        hint = (f"; the poems write {', '.join(f'{s} as {t}' for s, t in hints.items())}" if hints else "")
-        raise TitleError(f"title {title!r} has characters the model never saw: {' '.join(missing)}{hint}"
-                         " (the corpus is in traditional characters; --allow-unknown turns them into <UNK>)")
+        raise TitleError(f"title {title!r} has characters the model never saw: {' '.join(missing)} (no Tang poem of "
+                         "the corpus uses them; use other words, or --allow-unknown to write them as <UNK>)")
     room = block_size - min_answer - len(tokenizer.encode(fmt.prompt(""), unknown="unk"))
     if len(title) > room:
         raise TitleError(f"title of {len(title)} characters is too long: with this model's context of {block_size} "
@@ -88,6 +92,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--allow-unknown", action="store_true", help="write unknown characters as <UNK> instead of refusing")
+    p.add_argument("--simplified", action="store_true", help="print titles and answers in simplified characters")
     args = p.parse_args(argv)
     try:
         if args.max_new_tokens <= 0 or args.temperature < 0 or (args.top_k is not None and args.top_k <= 0):
@@ -102,8 +107,10 @@ def main(argv=None):
     answers = continue_texts(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                              args.seed, stop_ids=[tokenizer.stoi.get(fmt.end, tokenizer.end_id)])
     end = fmt.end if fmt.end in tokenizer.stoi else TITLE_TO_POEM.end
-    for title, answer in zip(titles, answers):
-        print(f"【{title}】\n{answer.removesuffix(end)}")
+    show = to_simplified if args.simplified else str
+    for typed, title, answer in zip(args.title, titles, answers):
+        converted = f"  ({typed.strip()} -> {title})" if typed.strip() != title else ""
+        print(f"【{show(title)}】{converted}\n{show(answer.removesuffix(end))}")
         print(f"(stopped at {end})\n" if answer.endswith(end) else f"(no {end} within {args.max_new_tokens} tokens)\n")
     return answers
 

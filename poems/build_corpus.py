@@ -1,15 +1,11 @@
-"""Rebuild poems/tang.jsonl.gz and poems/simplified.json from the npm package chinese-poetry@2.0.1.
+"""Rebuild poems/tang.jsonl.gz from the npm package chinese-poetry@2.0.1.
 
     npm pack chinese-poetry@2.0.1 && tar xzf chinese-poetry-2.0.1.tgz
     python poems/build_corpus.py package
 
 Reads quantangshi/poet.tang.*.json, cleans it (rules in poems/README.md) and writes one poem a line.
-The package also holds 176 Tang poems in simplified characters (shuimotangshi); lined up against the
-same poems in the corpus, they give a simplified -> traditional table for characters the corpus lacks.
 """
 import argparse
-import collections
-import difflib
 import glob
 import gzip
 import json
@@ -90,47 +86,6 @@ def clean(raw_poems):
     return kept, counts
 
 
-def _strip(lines):
-    return re.sub(r"[，。？！；：、\s]", "", "".join(lines))
-
-
-def simplified_table(package_dir, poems):
-    """{simplified: traditional} for characters missing from the poems, learned by lining up the
-    package's simplified copies of Tang poems with the same poems in traditional characters."""
-    path = next(iter(glob.glob(os.path.join(package_dir, "*", "shuimotangshi", "shuimotangshi.json"))
-                     + glob.glob(os.path.join(package_dir, "shuimotangshi", "shuimotangshi.json"))), None)
-    if path is None:
-        return {}
-    with open(path, encoding="utf-8") as f:
-        simplified = [(p["author"], _strip(p["paragraphs"])) for p in json.load(f)]
-    known = {c for p in poems for c in p["title"] + "".join(p["lines"])}
-    by_author, by_length = collections.defaultdict(list), collections.defaultdict(list)
-    for p in poems:
-        body = _strip(p["lines"])
-        by_author[p["author"]].append(body)
-        by_length[len(body)].append(body)
-    table = {}
-    for _ in range(3):  # each pass converts author names and text with the last table, so more poems line up
-        pairs = collections.Counter()
-        for author, text in simplified:
-            conv = "".join(table.get(c, c) for c in text)
-            candidates = by_author.get("".join(table.get(c, c) for c in author)) or by_length[len(text)]
-            best, score = None, 0.6  # at least 60% alike, or the poem is left out
-            for cand in candidates:
-                m = difflib.SequenceMatcher(None, conv, cand, autojunk=False)
-                if m.real_quick_ratio() > score and m.ratio() > score:
-                    best, score = cand, m.ratio()
-            if best is None:
-                continue
-            for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, conv, best, autojunk=False).get_opcodes():
-                if op in ("equal", "replace") and i2 - i1 == j2 - j1:
-                    pairs.update((a, b) for a, b in zip(text[i1:i2], best[j1:j2]) if a != b and a not in known and b in known)
-        table = {}
-        for (a, b), _n in pairs.most_common():
-            table.setdefault(a, b)
-    return dict(sorted(table.items()))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("package_dir", help="the unpacked npm package (the folder named 'package')")
@@ -148,13 +103,7 @@ def main(argv=None):
     with open(args.out, "wb") as fh, gzip.GzipFile(filename="", fileobj=fh, mode="wb", mtime=0) as gz:
         for p in poems:
             gz.write((json.dumps(p, ensure_ascii=False) + "\n").encode("utf-8"))
-    table = simplified_table(args.package_dir, poems)
-    table_path = os.path.join(os.path.dirname(os.path.abspath(args.out)), "simplified.json")
-    with open(table_path, "w", encoding="utf-8") as f:
-        json.dump(table, f, ensure_ascii=False, indent=0)
-        f.write("\n")
     print(f"{len(files)} files; " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; wrote {args.out}")
-    print(f"simplified -> traditional: {len(table)} characters; wrote {table_path}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
 """The user-facing writer: python -m minigpt.sample, and the title checks behind it."""
-import json
-
 import pytest
 
 import train_pretrain
 import train_sft
 from minigpt import sample
-from minigpt.sample import TitleError, check_title, traditional_hints
+from minigpt.sample import TitleError, check_title, to_simplified, to_traditional
 
 from conftest import FIXTURE_CORPUS
 
@@ -19,10 +17,10 @@ def runs(tmp_path_factory):
     return pre, sft
 
 
-def test_the_corpus_table_maps_simplified_to_traditional():
-    assert traditional_hints(["风", "爱", "山"]) == {"风": "風", "爱": "愛"}
-    table = json.load(open(sample.SIMPLIFIED_TABLE, encoding="utf-8"))
-    assert len(table) > 300 and all(len(k) == len(v) == 1 and k != v for k, v in table.items())
+def test_simplified_titles_become_the_corpus_characters():
+    assert to_traditional("登鹳雀楼") == "登鸛雀樓" and to_traditional("黄鹤楼送别") == "黃鶴樓送別"
+    assert to_traditional("春夜喜雨") == "春夜喜雨" and to_traditional("登鸛雀樓") == "登鸛雀樓"  # traditional stays
+    assert to_simplified("白日依山盡，黃河入海流。") == "白日依山尽，黄河入海流。"
 
 
 def test_titles_are_checked(tokenizer, splits):
@@ -34,9 +32,10 @@ def test_titles_are_checked(tokenizer, splits):
         check_title("<END>" + title, tokenizer, 64)
     with pytest.raises(TitleError, match="too long"):
         check_title(title * 20, tokenizer, 64)
-    with pytest.raises(TitleError, match=r"never saw: 风 x") as e:
-        check_title(title + "风x", tokenizer, 64)
-    assert "风 as 風" in str(e.value)
+    other = next(w for p in splits["train"] for w in [p.title.split()[0][:4]] if to_simplified(w) != w)
+    assert check_title(to_simplified(other), tokenizer, 64) == other  # typed in simplified, read in traditional
+    with pytest.raises(TitleError, match=r"never saw: x"):
+        check_title(title + "x", tokenizer, 64)
     assert check_title(title + "x", tokenizer, 64, allow_unknown=True) == title + "x"
 
 
@@ -51,13 +50,17 @@ def test_each_stage_is_prompted_in_the_format_it_learnt():
 def test_sample_writes_for_each_title(runs, capsys, tokenizer, splits):
     _, sft = runs
     title = splits["train"][0].title.split()[0][:4]
-    answers = sample.main(["--checkpoint", str(sft), "--title", title, title[:2], "--max-new-tokens", "20"])
+    other = next(w for p in splits["train"] for w in [p.title.split()[0][:4]] if to_simplified(w) != w)
+    answers = sample.main(["--checkpoint", str(sft), "--title", title, to_simplified(other), "--max-new-tokens", "20"])
     out = capsys.readouterr().out
-    assert len(answers) == 2 and f"【{title}】" in out and f"【{title[:2]}】" in out
+    assert len(answers) == 2 and f"【{title}】" in out
+    assert f"【{other}】  ({to_simplified(other)} -> {other})" in out  # typed in simplified: the converted title is shown
+    sample.main(["--checkpoint", str(sft), "--title", title, "--max-new-tokens", "20", "--simplified"])
+    assert f"【{to_simplified(title)}】" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--title", "风雨"], "never saw"),
+    (["--title", "xyz"], "never saw: x y z"),
     (["--title", ""], "empty title"),
     (["--title", "山" * 80], "too long"),
     (["--title", "山", "--temperature", "-1"], "temperature"),
