@@ -159,10 +159,11 @@ def main(argv=None):
         return result
 
     # the final table, and the only place test titles are used
+    start = "SFT" if ref_ckpt.get("stage") == "sft" else "earlier DPO"  # a next round starts from a DPO model
     test_set = eval_set(splits["test"], splits["train"], args.eval_titles)
     columns = [("real poems", reference(yard, test_set))] + [
         (name, measure(m, tokenizer, test_set.titles, yard, poem_fmt, val, args.max_new_tokens))
-        for name, m in (("SFT (reference)", ref), (f"DPO ({prefer.name})", model.to(device)))]
+        for name, m in ((f"{start} (reference)", ref), (f"DPO ({prefer.name})", model.to(device)))]
     table = format_table(columns, table_note(test_set, yard, splits) + f" Pairs: {len(pairs)} from {counts['prompts']} "
                          f"train prompts; preference accuracy on {len(val_pairs)} held-out val pairs "
                          f"{result['pref_accuracy']:.1%}.")
@@ -170,11 +171,11 @@ def main(argv=None):
     with open(os.path.join(args.out_dir, "table.txt"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     plot_preferences(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "preference.png"))
-    sft, dpo = columns[1][1], columns[2][1]
+    before, after = columns[1][1], columns[2][1]
     rate = lambda c: "—" if c["rhyme_rate"] is None else f"{c['rhyme_rate']:.0%}"
-    print(f"done: step {result['step']}, {result['elapsed_s']:.0f} s; on test titles, SFT -> DPO: rhymes {rate(sft)} -> "
-          f"{rate(dpo)}, regular {sft['regular_rate']:.0%} -> {dpo['regular_rate']:.0%}, stop {sft['stop_rate']:.0%} -> "
-          f"{dpo['stop_rate']:.0%}; see {args.out_dir}/table.txt, preference.png")
+    print(f"done: step {result['step']}, {result['elapsed_s']:.0f} s; on test titles, {start} -> DPO: rhymes "
+          f"{rate(before)} -> {rate(after)}, regular {before['regular_rate']:.0%} -> {after['regular_rate']:.0%}, stop "
+          f"{before['stop_rate']:.0%} -> {after['stop_rate']:.0%}; see {args.out_dir}/table.txt, preference.png")
     return {**result, "columns": columns}
 
 
