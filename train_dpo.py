@@ -17,7 +17,7 @@ import torch
 
 from minigpt import cli
 from minigpt.checkpoint import CheckpointError, load_checkpoint
-from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, SFTData, build_tokenizer, load_poems, split_poems
+from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, SFTData, load_poems, split_poems
 from minigpt.dpo import (PREFERENCES, dpo_loss, dpo_prompts, fill_reference, load_pairs, make_pairs, mark_endings,
                          pair_batch, preference_metrics, save_pairs)
 from minigpt.evaluate import (Yardstick, eval_set, format_table, loss_batches, measure, reference, table_note, val_sample,
@@ -88,10 +88,7 @@ def main(argv=None):
     fmt, poem_fmt = (CHAT, CHAT_POEM) if chat else (TITLE_TO_POEM, TITLE_TO_POEM)
     tasks = parse_tasks(ref_ckpt.get("tasks", "poem"))
     splits = split_poems(load_poems(args.corpus))
-    expected = build_tokenizer(splits["train"])
-    if (expected.with_roles() if chat else expected).itos != tokenizer.itos:
-        raise CheckpointError(f"{args.init_from} was made with another tokenizer than {args.corpus} gives; "
-                              "pass the corpus it was trained on with --corpus")
+    cli.check_vocabulary(tokenizer, splits["train"], chat, args.init_from, args.corpus)
     prefer, yard, T = PREFERENCES[args.prefer], Yardstick(splits["train"]), model.config.block_size
     ref.to(device).eval().requires_grad_(False)
 
@@ -167,9 +164,7 @@ def main(argv=None):
     table = format_table(columns, table_note(test_set, yard, splits) + f" Pairs: {len(pairs)} from {counts['prompts']} "
                          f"train prompts; preference accuracy on {len(val_pairs)} held-out val pairs "
                          f"{result['pref_accuracy']:.1%}.")
-    print("\n" + table)
-    with open(os.path.join(args.out_dir, "table.txt"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
+    cli.write_table(args.out_dir, "table.txt", table)
     plot_preferences(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "preference.png"))
     before, after = columns[1][1], columns[2][1]
     rate = lambda c: "—" if c["rhyme_rate"] is None else f"{c['rhyme_rate']:.0%}"

@@ -10,8 +10,8 @@ behaviour on val titles; test titles appear only in the final table.
 import os
 
 from minigpt import cli
-from minigpt.checkpoint import CheckpointError, load_checkpoint
-from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, SFTData, build_tokenizer, load_poems, split_poems
+from minigpt.checkpoint import load_checkpoint
+from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, SFTData, load_poems, split_poems
 from minigpt.evaluate import (Yardstick, compare, complete, eval_set, format_table, loss_batches, measure, mentions_title,
                               table_note, val_sample, write_answers)
 from minigpt.model import GPT, GPTConfig, grow_vocab
@@ -71,10 +71,7 @@ def main(argv=None):
         model.load_state_dict(base.state_dict())
     chat = args.format == "chat"
     splits = split_poems(load_poems(args.corpus))
-    expected = build_tokenizer(splits["train"])
-    if (expected.with_roles() if chat else expected).itos != (tokenizer.with_roles() if chat else tokenizer).itos:
-        raise CheckpointError(f"{args.init_from} was made with another tokenizer than {args.corpus} gives; "
-                              "pretrain on this corpus first, or pass the corpus it was trained on with --corpus")
+    cli.check_vocabulary(tokenizer, splits["train"], chat, args.init_from, args.corpus)
     if chat:  # the role markers join the vocabulary; the base model gets them too, to be given the same prompts
         tokenizer = tokenizer.with_roles()
         model, base = (m if m.config.vocab_size == tokenizer.vocab_size else grow_vocab(m, tokenizer.vocab_size)
@@ -136,18 +133,14 @@ def main(argv=None):
     # the final table, and the only place test titles are used
     columns, test_set, _ = compare(base.to(device), model, tokenizer, splits, n_titles, max_new, yardstick=yard, fmt=poem_fmt)
     table = format_table(columns, table_note(test_set, yard, splits))
-    print("\n" + table)
-    with open(os.path.join(args.out_dir, "table.txt"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
+    cli.write_table(args.out_dir, "table.txt", table)
     plot_behaviour(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "behaviour.png"))
     if multi:  # each task on test examples: the base model given the prompt, then the fine-tuned one
         seen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n_titles, tokenizer, T, fmt=fmt)
         unseen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n_titles, tokenizer, T, held_out=True, fmt=fmt)
         by_task = task_columns(base.to(device), tokenizer, seen, unseen, [("fine-tuned", model)], max_new, fmt)
         task_table = format_task_table(by_task, f"({n_titles} test examples per task at most. {TABLE_NOTE})")
-        print("\n" + task_table)
-        with open(os.path.join(args.out_dir, "tasks.txt"), "w", encoding="utf-8") as f:
-            f.write(task_table + "\n")
+        cli.write_table(args.out_dir, "tasks.txt", task_table)
         plot_tasks(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "tasks.png"))
     final = dict(columns)["fine-tuned"]
     print(f"done: step {result['step']}, answer val loss {result['val_loss']:.3f}, {result['elapsed_s']:.0f} s; on test "

@@ -1,4 +1,4 @@
-"""What the two training scripts share: presets, flags, device choice, printing, and one-line errors."""
+"""What the three training scripts share: presets, flags, device choice, printing, and one-line errors."""
 import argparse
 import os
 import sys
@@ -8,7 +8,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from minigpt.checkpoint import CheckpointError, load_checkpoint
-from minigpt.data import CorpusError
+from minigpt.data import CorpusError, build_tokenizer
 from minigpt.model import GPTConfig
 from minigpt.tokenizer import UnknownCharacterError
 from minigpt.train import TrainConfig, TrainingStopped, pick_device
@@ -66,6 +66,24 @@ def resume_point(args):
         raise UsageError(f"{args.out_dir} already holds a run; continue it with --resume, or start afresh with "
                          "--overwrite (or pick another --out-dir)")
     return None
+
+
+def check_vocabulary(tokenizer, train_poems, chat, checkpoint, corpus):
+    """A checkpoint's vocabulary must be the one the corpus's training poems give (with the chat roles, for a chat
+    run); else a one-line CheckpointError."""
+    expected = build_tokenizer(train_poems)
+    if chat:
+        expected, tokenizer = expected.with_roles(), tokenizer.with_roles()
+    if expected.itos != tokenizer.itos:
+        raise CheckpointError(f"{checkpoint} was made with another tokenizer than {corpus} gives; pass the corpus it "
+                              "was trained on with --corpus, or train on this corpus from the start")
+
+
+def write_table(out_dir, name, text):
+    """Print a final table and keep it in the run folder as name."""
+    print("\n" + text)
+    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
 
 
 def print_event(record):

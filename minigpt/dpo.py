@@ -24,10 +24,6 @@ from minigpt.evaluate import complete, first_poem, line_endings, mentions_title,
 from minigpt.model import IGNORE_INDEX
 from minigpt.tasks import BY_NAME, Example, examples, prompt_text
 
-# tasks whose answer is one whole poem: a preference on the poem (rhyme, the title) applies to them
-POEM_TASKS = ("poem", "form", "persona", "acrostic", "rhyme", "followup")
-
-
 # ---- what is preferred: a checker of one answer ----
 
 @dataclass(frozen=True)
@@ -78,7 +74,7 @@ def dpo_prompts(poems, tasks, rhyme_groups, fmt=TITLE_TO_POEM):
                 seen.add(title)
                 out.append(Example("poem", TITLE_TO_POEM.instruction, title, p.body))
         return out
-    return examples(poems, [t for t in tasks if t.name in POEM_TASKS], rhyme_groups, fmt=fmt)
+    return examples(poems, [t for t in tasks if t.poem_answer], rhyme_groups, fmt=fmt)
 
 
 @dataclass
@@ -103,7 +99,8 @@ def make_pairs(model, tokenizer, exs, yard, prefer, fmt=TITLE_TO_POEM, samples=8
     starts = [""] * len(exs)
     if shared_start:
         first = complete(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, stop=fmt.end, seed=seed + 1)
-        starts = [a.split("\n")[0] + "\n" if "\n" in a and REGULAR_LINE.match(a.split("\n")[0]) else "" for a, _ in first]
+        lines = [a.split("\n") for a, _ in first]
+        starts = [ls[0] + "\n" if len(ls) > 1 and REGULAR_LINE.match(ls[0]) else "" for ls in lines]
     written = complete(model, tokenizer, [p + s for p, s in zip(prompts, starts) for _ in range(samples)],
                        max_new_tokens, batch_size=batch_size, stop=fmt.end, seed=seed)
     room = model.config.block_size + 1 - len(tokenizer.encode(fmt.end))
@@ -166,12 +163,11 @@ def sequence_logprobs(model, x, y):
     return token_logprobs(model, x, y).sum(dim=1)
 
 
-def implicit_rewards(model, batch, beta):
-    """(reward of chosen, reward of rejected): beta * (log pi - log ref) per pair, one forward pass for both sides."""
-    xc, yc, xr, yr, ref_c, ref_r = batch
-    logp = sequence_logprobs(model, torch.cat([xc, xr]), torch.cat([yc, yr]))  # (2B,)
-    n = xc.size(0)
-    return beta * (logp[:n] - ref_c), beta * (logp[n:] - ref_r)
+def implicit_rewards(logp, ref_c, ref_r, beta):
+    """(reward of chosen, reward of rejected), each beta * (log pi - log ref) per pair; logp (2B,): the policy's
+    log-probabilities of the B chosen answers, then of the B rejected ones."""
+    n = ref_c.size(0)
+    return beta * (logp[:n] - ref_c), beta * (logp[n:2 * n] - ref_r)
 
 
 def dpo_loss(model, batch, beta=0.1, sft_weight=0.0):
@@ -185,9 +181,8 @@ def dpo_loss(model, batch, beta=0.1, sft_weight=0.0):
     y = torch.cat([F.pad(y, (0, T - y.size(1)), value=IGNORE_INDEX) for y in ys])
     per_token = token_logprobs(model, x, y)  # (rows, T)
     n = xc.size(0)
-    logp = per_token[:2 * n].sum(dim=1)  # (2B,)
-    margin = beta * (logp[:n] - ref_c) - beta * (logp[n:2 * n] - ref_r)
-    loss = -F.logsigmoid(margin).mean()
+    chosen, rejected = implicit_rewards(per_token[:2 * n].sum(dim=1), ref_c, ref_r, beta)
+    loss = -F.logsigmoid(chosen - rejected).mean()
     if real and sft_weight:
         loss = loss + sft_weight * -per_token[2 * n:].sum() / (y[2 * n:] != IGNORE_INDEX).sum()
     return loss, torch.tensor(n)
@@ -218,7 +213,9 @@ def preference_metrics(model, batches, beta):
     device = model.tok_emb.weight.device
     losses, right, margins = [], 0, []
     for batch in batches:
-        chosen, rejected = implicit_rewards(model, [t.to(device) for t in batch], beta)
+        xc, yc, xr, yr, ref_c, ref_r = [t.to(device) for t in batch]
+        logp = sequence_logprobs(model, torch.cat([xc, xr]), torch.cat([yc, yr]))  # (2B,)
+        chosen, rejected = implicit_rewards(logp, ref_c, ref_r, beta)
         margin = chosen - rejected
         losses.append(-F.logsigmoid(margin))
         right += float((margin > 0).sum() + 0.5 * (margin == 0).sum())

@@ -18,6 +18,7 @@ import torch
 from minigpt.data import CHAT_POEM, PLAIN, TITLE_TO_POEM
 from minigpt.tokenizer import ROLE_TOKENS, SPECIAL_TOKENS
 
+
 class TitleError(ValueError):
     """A title the model cannot take; the message says why and what to do."""
 
@@ -104,9 +105,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     prompts = [fmt.prompt(t) for t in titles]
+    end = fmt.end if fmt.end in tokenizer.stoi else TITLE_TO_POEM.end  # a base model's blank line is no one id
     answers = continue_texts(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                             args.seed, stop_ids=[tokenizer.stoi.get(fmt.end, tokenizer.end_id)])
-    end = fmt.end if fmt.end in tokenizer.stoi else TITLE_TO_POEM.end
+                             args.seed, stop_ids=[tokenizer.stoi[end]])
     show = to_simplified if args.simplified else str
     for typed, title, answer in zip(args.title, titles, answers):
         converted = f"  ({typed.strip()} -> {title})" if typed.strip() != title else ""

@@ -7,18 +7,19 @@ names one; adding a task touches this file only.
 """
 import argparse
 import collections
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from minigpt.data import (CHAT_POEM, MEANINGLESS_TITLES, PUNCTUATION, TITLE_TO_POEM, PromptFormat, SFTData, clauses,
+from minigpt.data import (CHAT_POEM, MEANINGLESS_TITLES, PUNCTUATION, TITLE_TO_POEM, SFTData, clauses,
                           clean_title, is_regular, render, spread)
 from minigpt.evaluate import SAMPLING, complete, content_chars, first_poem, line_endings, runs_on
 
-# the chat format: roles as single ids; CHAT_POEM is today's title -> poem instruction in it
-CHAT = PromptFormat(instruction="", ins="<USR>", inp="\n", res="<EOT><AST>", end="<EOT>")
+# the chat format: roles as single ids; each task brings its instruction (CHAT_POEM, in data.py: today's title -> poem)
+CHAT = dataclasses.replace(CHAT_POEM, instruction="")
 
 # the four regular forms: characters per clause and couplets (lines); 絕句 has 2 couplets, 律詩 4
 FORMS = {"五言絕句": (5, 2), "七言絕句": (7, 2), "五言律詩": (5, 4), "七言律詩": (7, 4)}
@@ -57,6 +58,7 @@ class Task:
     check: Callable
     never_trained: tuple = field(default=())
     system: bool = False  # in the chat format the instruction is a standing system message, the input the user's turn
+    poem_answer: bool = True  # the answer is one whole poem (so a preference on poems, such as rhyme, applies)
     two_turns: bool = False  # chat only: a first exchange, then this instruction as the user's follow-up
 
     def example(self, title, body, rhyme_groups, k, held_out=False, partner=""):
@@ -183,9 +185,9 @@ TASKS = (
     Task("acrostic", ("寫一首藏頭詩，每句開頭依次是{heads}", "以{heads}為每句的第一個字寫一首詩", "藏頭詩，句首用字：{heads}"),
          ("每句第一個字分別用{heads}，寫一首詩", "作詩一首，句首藏{heads}"), make_acrostic, has_heads),
     Task("continuation", ("接著寫完這首詩", "續寫下面的詩句", "這是一首詩的開頭，請寫完"),
-         ("把這首詩補完整", "後面該怎麼寫？請續完"), make_continuation, continues),
+         ("把這首詩補完整", "後面該怎麼寫？請續完"), make_continuation, continues, poem_answer=False),
     Task("naming", ("為這首詩取一個題目", "給下面的詩起個標題", "這首詩的題目是什麼"),
-         ("請替這首詩擬題", "下面這首詩該叫什麼題目"), make_naming, names_poem),
+         ("請替這首詩擬題", "下面這首詩該叫什麼題目"), make_naming, names_poem, poem_answer=False),
     # chat only: the follow-up changes the constraint; 七言 is never asked for in training (a 七言絕句 would answer it)
     Task("followup", ("再寫一首，改成{length}", "換成{length}再寫一首", "再來一首{length}的"),
          ("同一個題目，寫成{length}", "請再作一首，用{length}"), make_followup, has_line_length, never_trained=(7,),
