@@ -2,6 +2,7 @@
 <INS>請用以下題目寫一首詩<INP>{title}<RES>{poem}<END>, and measure how the answers change.
 
     python train_sft.py                       # after python train_pretrain.py; about 5 minutes on 2 CPU cores
+    python train_sft.py --preset class        # 3.5 minutes, after python train_pretrain.py --preset class
     python train_sft.py --train-on-prompt     # also train on the prompt, to compare the loss curves
 
 Every few steps it prints, for the same titles, what the model answers and whether it stopped at <END>, and the
@@ -26,7 +27,12 @@ PRESETS = {
     "tiny": dict(batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=2, max_steps=20, eval_every=10, sample_every=10,
                  eval_batches=2, log_every=5, eval_titles=6, max_new_tokens=40, task_examples=3, dtype="float32"),
     "cpu": dict(batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=20, max_steps=5000, max_minutes=4.5, eval_every=200,
-                sample_every=200, eval_batches=8, log_every=10, eval_titles=200, max_new_tokens=256, task_examples=30),
+                early_evals=True, sample_every=200, eval_batches=8, log_every=10, eval_titles=200, max_new_tokens=256,
+                task_examples=30),
+    # fewer titles measured and shorter answers, so that both stages fit a lesson
+    "class": dict(batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=20, max_steps=5000, max_minutes=3.25, eval_every=150,
+                  early_evals=True, sample_every=150, eval_batches=8, log_every=10, eval_titles=100, max_new_tokens=160,
+                  task_examples=20),
     "gpu": dict(batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=50, max_steps=2000, max_minutes=5.0, eval_every=250,
                 sample_every=250, eval_batches=16, log_every=25, eval_titles=500, max_new_tokens=256, task_examples=100),
 }
@@ -108,9 +114,13 @@ def main(argv=None):
                                  "shown": f"{p}\n{a}  ({f'stopped at {fmt.end}' if s else f'no {fmt.end}'})"}
                                 for ex, p, (a, s) in zip(shown, prompts, answers)]}
         answers = write_answers(m, tokenizer, demo, poem_fmt, max_new_tokens=max_new)
-        return {"samples": [{"title": t, "answer": a, "stopped": s, "length": len(a),
-                             "shown": f"[{t}] ({len(a)} chars, {'stopped at <END>' if s else 'no <END>'})\n{a}"}
-                            for t, (a, s) in zip(demo, answers)]}
+        end = poem_fmt.end
+        samples = [{"title": t, "answer": a, "stopped": s, "length": len(a),
+                    "shown": f"[{t}] ({len(a)} chars, {f'stopped at {end}' if s else f'no {end}'})\n{a}"}
+                   for t, (a, s) in zip(demo, answers)]
+        # once per block, the whole prompt as the model reads it, special tokens and all
+        samples[0]["shown"] = f"the model reads: {poem_fmt.prompt(demo[0])}\n" + samples[0]["shown"]
+        return {"samples": samples}
 
     extra_ckpt = {"stage": "sft", "model_config": model_cfg.__dict__.copy(), "tokenizer": tokenizer.to_list(),
                   "init_from": os.path.abspath(args.init_from), "data": args.data, "train_on_prompt": args.train_on_prompt,

@@ -24,7 +24,7 @@ class UsageError(ValueError):
 def make_parser(description, presets, default_out, model_flags=MODEL_FLAGS):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(presets), default="cpu",
-                   help="tiny: seconds, for tests; cpu: a laptop; gpu: a bigger model for a GPU")
+                   help="tiny: seconds, for tests; cpu: a laptop; class: shorter, both stages in a lesson; gpu: a bigger model for a GPU")
     p.add_argument("--out-dir", default=default_out, help="where the checkpoint, log.jsonl and loss.png go")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint, with its settings")

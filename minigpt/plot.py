@@ -1,5 +1,6 @@
 """Pictures from a run's log.jsonl: train and val loss over steps (and, for SFT, the behaviour metrics)."""
 import json
+import warnings
 
 import matplotlib
 
@@ -108,3 +109,91 @@ def plot_preferences(log_path, png_path, title="preference tuning (DPO), held-ou
     ax.set_title(title, fontsize=10)
     ax2.plot(steps, [r["reward_margin"] for r in evals], "o-", color="C3", label="reward margin")
     return _finish(fig, ax2, "mean reward margin, chosen - rejected", "implicit reward margin", png_path)
+
+
+# ---- pictures of one answer (python -m minigpt.explain): their labels are Chinese characters ----
+
+CJK_FONTS = ["Noto Sans CJK TC", "Noto Sans CJK SC", "Noto Serif CJK TC", "Source Han Sans TC", "WenQuanYi Zen Hei",
+             "Microsoft JhengHei", "Microsoft YaHei", "PingFang TC", "PingFang SC", "Heiti TC", "SimHei", "AR PL UMing TW"]
+
+
+def use_cjk_font():
+    """Draw text in the first installed font with Chinese characters; returns its name, or None:
+    then the characters are drawn as boxes (install one, e.g. apt install fonts-noto-cjk) and matplotlib's warning
+    for each missing glyph is silenced (python -m minigpt.explain says it once)."""
+    from matplotlib import font_manager
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    name = next((f for f in CJK_FONTS if f in installed), None)
+    if name:  # a list: a glyph the Chinese font lacks (↵) comes from the next one
+        plt.rcParams["font.family"] = [name, "DejaVu Sans"]
+    else:
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+    return name
+
+
+def _label(token):
+    return {"\n": "↵", " ": "␣"}.get(token, token)
+
+
+def plot_end_probabilities(answer, p_base, p_sft, title, png_path, base_end="blank line", sft_end="<END>"):
+    """The probability of ending after each character of one answer: the base model's (its poems end with a blank
+    line) against the fine-tuned model's (it ends with its end marker), on a log scale."""
+    use_cjk_font()
+    x = range(len(answer) + 1)
+    fig, ax = plt.subplots(figsize=(max(8, 0.17 * len(x)), 4))
+    ax.plot(x, p_base, "o-", ms=3, color="C7", label=f"base model: P({base_end})")
+    ax.plot(x, p_sft, "o-", ms=3, color="C0", label=f"fine-tuned: P({sft_end})")
+    ax.set_yscale("log")
+    ax.set_ylim(1e-7, 1.5)
+    ax.set_xticks(list(x), ["·"] + [_label(c) for c in answer], fontsize=7)
+    ax.set_xlabel("the answer, one character at a time (P is of ending right after it; ↵ = new line)")
+    ax.set_ylabel("probability of ending here")
+    ax.set_title(f"【{title}】 where the model decides to stop")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def plot_next_chars(tops, context, title, png_path):
+    """The likeliest next characters after context, one panel per temperature (tops: {temperature: [(token, p)]})."""
+    use_cjk_font()
+    fig, axes = plt.subplots(1, len(tops), figsize=(4.5 * len(tops), 4), squeeze=False)
+    for ax, (t, top) in zip(axes[0], tops.items()):
+        labels, probs = [_label(c) for c, _ in top][::-1], [p for _, p in top][::-1]
+        ax.barh(range(len(top)), probs, color="C0")
+        ax.set_yticks(range(len(top)), labels)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("probability")
+        ax.set_title(f"temperature {t}")
+        for i, p in enumerate(probs):
+            ax.text(p + 0.01, i, f"{p:.2f}", va="center", fontsize=8)
+    tail = context.replace("\n", "↵")[-12:]
+    fig.suptitle(f"【{title}】 next character after …{tail}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def plot_attention(att, title, answer, png_path):
+    """att (n_layer, len(answer), len(title)): each layer's attention (mean over heads) from every answer
+    character back to each title character, one heat map per layer."""
+    use_cjk_font()
+    n_layer, n_answer, _ = att.shape
+    fig, axes = plt.subplots(1, n_layer, figsize=(1.2 + 1.1 * n_layer * max(2, len(title)) / 2, max(4, 0.16 * n_answer)),
+                             squeeze=False, sharey=True)
+    vmax = float(att.max())
+    for layer, ax in enumerate(axes[0]):
+        im = ax.imshow(att[layer].cpu().numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_xticks(range(len(title)), list(title))
+        ax.set_title(f"layer {layer + 1}", fontsize=9)
+    axes[0][0].set_yticks(range(n_answer), [_label(c) for c in answer], fontsize=6)
+    axes[0][0].set_ylabel("answer character (looking back)")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.6, label="attention weight (mean over heads)")
+    fig.suptitle(f"【{title}】 fine-tuned model: attention from the answer to the title")
+    fig.savefig(png_path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return png_path

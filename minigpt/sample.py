@@ -60,6 +60,29 @@ def check_title(title, tokenizer, block_size, fmt=TITLE_TO_POEM, min_answer=16, 
     return title
 
 
+def require_runs(paths):
+    """A one-line TitleError naming the script to run, for the first of {stage: run folder} that is missing."""
+    scripts = {"pretrain": "python train_pretrain.py", "sft": "python train_sft.py"}
+    for stage, path in paths.items():
+        if not os.path.exists(path):
+            raise TitleError(f"no {stage} run at {path}: run {scripts[stage]} first (for a lesson: --preset class), "
+                             f"or pass its folder with --{stage}")
+
+
+def load_pair(pretrain, sft):
+    """(base model, fine-tuned model, the fine-tuned one's tokenizer, its answer format) from two run folders that
+    belong together; a one-line TitleError or CheckpointError otherwise."""
+    from minigpt.checkpoint import load_checkpoint
+    require_runs({"pretrain": pretrain, "sft": sft})
+    base, base_tokenizer, _ = load_checkpoint(pretrain)
+    model, tokenizer, ckpt = load_checkpoint(sft)
+    if ckpt.get("stage") not in ("sft", "dpo"):
+        raise TitleError(f"{sft} holds a {ckpt.get('stage')} model, not a fine-tuned one; pass --sft runs/sft")
+    if tokenizer.itos[:base_tokenizer.vocab_size] != base_tokenizer.itos:
+        raise TitleError(f"{sft} was not fine-tuned from {pretrain}; pass the pair that belongs together")
+    return base, model, tokenizer, answer_format(ckpt)
+
+
 def answer_format(ckpt):
     """The prompt format a checkpoint answers in: plain text for a base model, the SFT format for a fine-tuned or
     preference-tuned one (the chat format's, if it was trained on that)."""

@@ -100,6 +100,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     eval_every: int = 250
+    early_evals: bool = False  # also evaluate at steps 10, 25, 50, 100, ... below eval_every: how fast a change comes
     eval_batches: int = 20
     sample_every: int = 500
     log_every: int = 10
@@ -255,8 +256,13 @@ class Run:
             self.emit({"kind": "train", "step": self.step, "loss": mean, "lr": lr, "tok_per_s": round(rate)})
             self.bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
             self.window, self.t_window = [], 0.0
-        if self.step % self.cfg.eval_every == 0 or self.step % self.cfg.sample_every == 0:
+        if self.eval_due(self.step):
             self.evaluate_and_save()
+
+    def eval_due(self, step):
+        """Every eval_every and sample_every steps; with early_evals, also at log-spaced steps before the first."""
+        early = self.cfg.early_evals and step in early_eval_steps(self.cfg.eval_every)
+        return early or step % self.cfg.eval_every == 0 or step % self.cfg.sample_every == 0
 
     def finish(self):
         """The last eval (unless the last step had one), then the loss plot."""
@@ -285,7 +291,8 @@ class Run:
             if self.metrics is not None:
                 self.last_eval.update(self.metrics(self.model, self.step))
             self.emit(self.last_eval)
-            if self.sample is not None and (self.step % self.cfg.sample_every == 0 or self.clock() >= 1):
+            early = self.cfg.early_evals and self.step in early_eval_steps(self.cfg.eval_every)
+            if self.sample is not None and (self.step % self.cfg.sample_every == 0 or early or self.clock() >= 1):
                 self.emit({"kind": "sample", "step": self.step, **self.sample(self.model, self.step)})
         # keep time at the end of the budget for the last eval (at most a quarter of the budget)
         self.reserve = self.procs.largest(min(max(self.reserve, time.time() - t), self.budget / 4))[0]
@@ -302,6 +309,17 @@ class Run:
                 "warm_progress": self.warm_progress, "last_eval": json.loads(json.dumps(self.last_eval)),
                 "val_loss": self.last_eval.get("val_loss"), "rng": {**rng, "data": self.data_gen.get_state()}})
         self.saved_step = self.step
+
+
+def early_eval_steps(eval_every):
+    """The steps 10, 25, 50, 100, 250, 500, ... that come before eval_every: evals spaced out logarithmically."""
+    steps, scale = [], 10
+    while True:
+        for m in (1, 2.5, 5):
+            if m * scale >= eval_every:
+                return steps
+            steps.append(int(m * scale))
+        scale *= 10
 
 
 def keep_log_until(path, step):

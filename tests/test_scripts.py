@@ -53,7 +53,8 @@ def test_time_budget_ends_training(tmp_path):
 def test_sft_runs_from_the_pretrained_checkpoint(pretrained, tmp_path):
     out, _ = pretrained
     result = train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(out),
-                             "--out-dir", str(tmp_path), "--device", "cpu"])
+                             "--out-dir", str(tmp_path), "--device", "cpu", "--early-evals", "--eval-every", "100",
+                             "--sample-every", "100", "--max-steps", "30"])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["stage"] == "sft" and ckpt["model_config"] == torch.load(out / "ckpt.pt", weights_only=True)["model_config"]
     columns = dict(result["columns"])
@@ -62,7 +63,14 @@ def test_sft_runs_from_the_pretrained_checkpoint(pretrained, tmp_path):
     assert columns["base, SFT prompt"]["stop_rate"] == 0.0  # it never saw <END>
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl", encoding="utf-8")]
     evals = [r for r in log if r["kind"] == "eval"]
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"]  # 20 steps lower the loss on held-out answers
+    assert [r["step"] for r in evals] == [0, 10, 25, 30]  # log-spaced before the first regular eval, and the last
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]  # 30 steps lower the loss on held-out answers
+    blocks = [r["samples"] for r in log if r["kind"] == "sample"]
+    assert [r["step"] for r in log if r["kind"] == "sample"] == [0, 10, 25, 30]
+    # once per block, the whole prompt the model reads, special tokens and all
+    for block in blocks:
+        assert block[0]["shown"].startswith(f"the model reads: <INS>請用以下題目寫一首詩<INP>{block[0]['title']}<RES>\n")
+        assert not any("<INS>" in s["shown"] for s in block[1:])
     assert evals[-1]["val_loss"] == pytest.approx(evals[-1]["val_answer_loss"], abs=1e-5)  # the loop's val loss is the poem tokens'
     # during training only val titles are measured and shown; test titles only in the final table
     test_titles = {ex["title"] for ex in columns["fine-tuned"]["examples"]}

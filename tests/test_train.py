@@ -112,3 +112,9 @@ def test_a_stage_brings_its_own_loss(tmp_path):
         with open(tmp_path / name / "log.jsonl", encoding="utf-8") as f:
             logged[name] = [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
     assert logged["twice"][0] == pytest.approx(2 * logged["lm"][0], rel=1e-6)  # the same weights, the same batch
+
+
+def test_early_evals_are_spaced_out_logarithmically():
+    assert train.early_eval_steps(200) == [10, 25, 50, 100]
+    assert train.early_eval_steps(1500) == [10, 25, 50, 100, 250, 500, 1000]
+    assert train.early_eval_steps(10) == []
