@@ -52,14 +52,16 @@ def plot_behaviour(log_path, png_path, title="instruction following over SFT ste
     for key, label, colour, style in BEHAVIOUR:
         ax.plot(steps, [float("nan") if r.get(key) is None else 100 * r[key] for r in evals], marker="o",
                 color=colour, linestyle=style, label=label)
-    ax.set_xlabel("SFT step")
+    ax.set_xscale("symlog", linthresh=10)  # linear to step 10, logarithmic after: the first steps are the turn
+    ax.set_xlabel("SFT step (log scale above 10)")
     ax.set_ylabel("% of val titles")
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.legend(loc="center right", bbox_to_anchor=(1.0, 0.63), fontsize=8)
     ax.set_title(title)
     ax2.plot(steps, [r["val_loss"] for r in evals], "o-", color="C5")
-    ax2.set_xlabel("SFT step")
+    ax2.set_xscale("symlog", linthresh=10)
+    ax2.set_xlabel("SFT step (log scale above 10)")
     ax2.set_ylabel("val loss per poem token")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
