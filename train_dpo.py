@@ -75,10 +75,10 @@ def main(argv=None):
         cfg = TrainConfig(**ckpt["train_config"])
         for name in ("init_from", "prefer", "beta", "sft_weight", "eval_titles", "max_new_tokens"):
             setattr(args, name, ckpt[name])
-        ref, _, ref_ckpt = load_checkpoint(args.init_from)
+        ref, _, ref_ckpt = load_checkpoint(args.init_from, made_by="python train_sft.py")
         print(f"resuming {args.out_dir} at step {ckpt['step']}")
     else:
-        ref, tokenizer, ref_ckpt = load_checkpoint(args.init_from)
+        ref, tokenizer, ref_ckpt = load_checkpoint(args.init_from, made_by="python train_sft.py")
         if ref_ckpt.get("stage") not in ("sft", "dpo"):
             raise CheckpointError(f"{args.init_from} is a {ref_ckpt.get('stage', 'pretraining')} checkpoint; DPO starts "
                                   "from a fine-tuned one: run python train_sft.py first, or pass --init-from runs/sft")

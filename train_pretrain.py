@@ -1,7 +1,7 @@
 """Stage 1: pretrain the GPT on Tang poems written one after another.
 
     python train_pretrain.py                  # the laptop preset, about 15 minutes on 2 CPU cores
-    python train_pretrain.py --preset class   # 5.5 minutes, for a lesson: then python train_sft.py --preset class
+    python train_pretrain.py --preset class   # 5 minutes, for a lesson: then python train_sft.py --preset class
     python train_pretrain.py --preset tiny    # seconds: a smoke test
 
 Every few hundred steps it prints what the model writes after a few titles: it never stops on its own.
@@ -28,9 +28,9 @@ PRESETS = {
     "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0, use_sdpa=False),
                 batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=100, max_steps=1000000, max_minutes=14.0,
                 eval_every=1500, sample_every=4500, eval_batches=40, log_every=50, sample_chars=120, compile=True),
-    # the cpu preset in 5.5 minutes, so that both stages fit a lesson (the val loss it reaches: README)
+    # the cpu preset in 5 minutes, so that both stages fit a lesson (the val loss it reaches: README)
     "class": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0, use_sdpa=False),
-                  batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=100, max_steps=1000000, max_minutes=5.5,
+                  batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=100, max_steps=1000000, max_minutes=5.0,
                   eval_every=1000, sample_every=2000, eval_batches=40, log_every=50, sample_chars=120, compile=True),
     "gpu": dict(model=dict(n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.1),
                 batch_size=64, lr=6e-4, min_lr=6e-5, warmup_steps=200, max_steps=20000, max_minutes=15.0,

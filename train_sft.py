@@ -2,7 +2,7 @@
 <INS>請用以下題目寫一首詩<INP>{title}<RES>{poem}<END>, and measure how the answers change.
 
     python train_sft.py                       # after python train_pretrain.py; about 5 minutes on 2 CPU cores
-    python train_sft.py --preset class        # 3.5 minutes, after python train_pretrain.py --preset class
+    python train_sft.py --preset class        # 4 minutes, after python train_pretrain.py --preset class
     python train_sft.py --train-on-prompt     # also train on the prompt, to compare the loss curves
 
 Every few steps it prints, for the same titles, what the model answers and whether it stopped at <END>, and the
@@ -30,7 +30,7 @@ PRESETS = {
                 early_evals=True, sample_every=200, eval_batches=8, log_every=10, eval_titles=200, max_new_tokens=256,
                 task_examples=30),
     # fewer titles measured and shorter answers, so that both stages fit a lesson
-    "class": dict(batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=20, max_steps=5000, max_minutes=3.25, eval_every=150,
+    "class": dict(batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=20, max_steps=5000, max_minutes=3.75, eval_every=150,
                   early_evals=True, sample_every=150, eval_batches=8, log_every=10, eval_titles=100, max_new_tokens=160,
                   task_examples=20),
     "gpu": dict(batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=50, max_steps=2000, max_minutes=5.0, eval_every=250,

@@ -48,11 +48,12 @@ def save_checkpoint(path, payload):
     replace_durably(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path, device="cpu"):
-    """Returns (model, tokenizer, checkpoint dict); raises CheckpointError with a one-line reason."""
+def load_checkpoint(path, device="cpu", made_by="python train_pretrain.py"):
+    """Returns (model, tokenizer, checkpoint dict); raises CheckpointError with a one-line reason (for a missing file:
+    the command made_by that writes one)."""
     path = checkpoint_path(path)
     if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}; train one first (python train_pretrain.py) or pass the right path")
+        raise CheckpointError(f"no checkpoint at {path}; train one first ({made_by}) or pass the right path")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or foreign
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save)")
     try:

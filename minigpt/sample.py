@@ -121,7 +121,7 @@ def main(argv=None):
     try:
         if args.max_new_tokens <= 0 or args.temperature < 0 or (args.top_k is not None and args.top_k <= 0):
             raise TitleError("--max-new-tokens and --top-k must be positive and --temperature not negative")
-        model, tokenizer, ckpt = load_checkpoint(args.checkpoint, pick_device(args.device))
+        model, tokenizer, ckpt = load_checkpoint(args.checkpoint, pick_device(args.device), made_by="python train_sft.py")
         fmt = answer_format(ckpt)  # a base model only knows plain text
         titles = [check_title(t, tokenizer, model.config.block_size, fmt, allow_unknown=args.allow_unknown) for t in args.title]
     except (CheckpointError, TitleError, ValueError) as e:

@@ -260,9 +260,12 @@ class Run:
             self.evaluate_and_save()
 
     def eval_due(self, step):
-        """Every eval_every and sample_every steps; with early_evals, also at log-spaced steps before the first."""
-        early = self.cfg.early_evals and step in early_eval_steps(self.cfg.eval_every)
-        return early or step % self.cfg.eval_every == 0 or step % self.cfg.sample_every == 0
+        """Every eval_every and sample_every steps, and at the early ones."""
+        return self.early(step) or step % self.cfg.eval_every == 0 or step % self.cfg.sample_every == 0
+
+    def early(self, step):
+        """With early_evals, the log-spaced steps before the first regular eval (they get samples too)."""
+        return self.cfg.early_evals and step in early_eval_steps(self.cfg.eval_every)
 
     def finish(self):
         """The last eval (unless the last step had one), then the loss plot."""
@@ -291,8 +294,8 @@ class Run:
             if self.metrics is not None:
                 self.last_eval.update(self.metrics(self.model, self.step))
             self.emit(self.last_eval)
-            early = self.cfg.early_evals and self.step in early_eval_steps(self.cfg.eval_every)
-            if self.sample is not None and (self.step % self.cfg.sample_every == 0 or early or self.clock() >= 1):
+            if self.sample is not None and (self.step % self.cfg.sample_every == 0 or self.early(self.step)
+                                            or self.clock() >= 1):
                 self.emit({"kind": "sample", "step": self.step, **self.sample(self.model, self.step)})
         # keep time at the end of the budget for the last eval (at most a quarter of the budget)
         self.reserve = self.procs.largest(min(max(self.reserve, time.time() - t), self.budget / 4))[0]

@@ -228,6 +228,7 @@ def test_dpo_interrupted_resumes_on_its_own_pairs_to_the_same_weights(finetuned,
 
 @pytest.mark.parametrize("argv, message", [
     (["--init-from", "PRETRAINED"], "run python train_sft.py first"),
+    (["--init-from", "/nonexistent/run"], "train one first (python train_sft.py)"),
     (["--beta", "0"], "--beta"),
     (["--samples", "0"], "--samples must be positive"),
     (["--prefer", "haiku"], None),
