@@ -83,7 +83,8 @@ def explain(base, sft, tokenizer, sft_fmt, title, out_dir, position=None, temper
     p_sft = end_probabilities(sft, tokenizer, prompt, answer, sft_fmt.end)
     p_base = end_probabilities(base, tokenizer, PLAIN.prompt(title), answer, PLAIN.end)
     # the chosen position: where the answer ends (the decision to stop), or `position` characters into it
-    pos = len(answer) if position is None else max(0, min(len(answer), position % (len(answer) + 1)))
+    pos = len(answer) if position is None else position if position >= 0 else len(answer) + 1 + position
+    pos = max(0, min(len(answer), pos))
     tops = next_chars(sft, tokenizer, prompt + answer[:pos], temperatures)
     ids = tokenizer.encode(prompt + answer, unknown="unk")
     n_prompt = len(tokenizer.encode(prompt, unknown="unk"))

@@ -83,6 +83,10 @@ def test_explain_writes_three_pictures(runs, tmp_path, title, capsys):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert len(out["p_end_sft"]) == len(out["answer"]) + 1 and out["position"] == len(out["answer"])
     assert out["attention"].shape[2:] == (len(out["answer"]), len(title))
+    for position, expected in ((3, 3), (-1, len(out["answer"])), (-2, len(out["answer"]) - 1), (999, len(out["answer"]))):
+        again = explain.main(["--title", title, "--pretrain", pre, "--sft", sft, "--out-dir", str(tmp_path),
+                              "--position", str(position)])
+        assert again["position"] == expected and again["answer"] == out["answer"]  # the same seed, the same answer
 
 
 @pytest.mark.parametrize("which, message", [("pretrain", "run python train_pretrain.py first"),
