@@ -185,12 +185,13 @@ def plot_attention(att, title, answer, png_path):
     character back to each title character, one heat map per layer."""
     use_cjk_font()
     n_layer, n_answer, _ = att.shape
-    fig, axes = plt.subplots(1, n_layer, figsize=(1.2 + 1.1 * n_layer * max(2, len(title)) / 2, max(4, 0.16 * n_answer)),
-                             squeeze=False, sharey=True)
+    panel = min(4.0, max(1.6, 0.4 * len(title)))  # inches per layer: a long title gets narrow columns, not a huge figure
+    fig, axes = plt.subplots(1, n_layer, figsize=(1.5 + panel * n_layer, max(4, 0.16 * n_answer)), squeeze=False,
+                             sharey=True)
     vmax = float(att.max())
     for layer, ax in enumerate(axes[0]):
         im = ax.imshow(att[layer].cpu().numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-        ax.set_xticks(range(len(title)), list(title))
+        ax.set_xticks(range(len(title)), list(title), fontsize=max(5, min(10, 60 // len(title))))
         ax.set_title(f"layer {layer + 1}", fontsize=9)
     axes[0][0].set_yticks(range(n_answer), [_label(c) for c in answer], fontsize=6)
     axes[0][0].set_ylabel("answer character (looking back)")
