@@ -38,6 +38,8 @@ PREFERENCES = {p.name: p for p in (
                "its line endings are different characters of one rhyme group"),
     Preference("title", lambda answer, ex, yard: mentions_title(ex.input, answer),
                "it holds a content character of its title"),
+    Preference("rhyme+title", lambda answer, ex, yard: rhymes(answer, yard.rhyme_groups) and mentions_title(ex.input, answer),
+               "it rhymes and holds a content character of its title: rhyme not paid for in relevance"),
 )}
 
 

@@ -40,6 +40,9 @@ def test_the_gates_and_the_preference_on_hand_made_answers():
     assert gate("春眠不覺曉，黃河入海流。\n欲窮千里目，更上一層樓。", True, POEM, YARD) == "copies a training clause"
     assert judge(RHYMES, True, POEM, YARD, PREFERENCES["title"]) == ""  # 樓 is a content character of 登樓
     assert judge(RHYMES, True, Example("poem", "", "秋雨", ""), YARD, PREFERENCES["title"]) == "not title"
+    assert judge(RHYMES, True, POEM, YARD, PREFERENCES["rhyme+title"]) == ""  # both: it rhymes and names 樓
+    assert judge(RHYMES, True, Example("poem", "", "秋雨", ""), YARD, PREFERENCES["rhyme+title"]) == "not rhyme+title"
+    assert judge(NO_RHYME, True, POEM, YARD, PREFERENCES["rhyme+title"]) == "not rhyme+title"
 
 
 def test_pairs_follow_the_checker(monkeypatch, model, chars):
