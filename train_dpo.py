@@ -24,6 +24,7 @@ from minigpt.evaluate import (Yardstick, eval_set, format_table, loss_batches, m
                               write_answers)
 from minigpt.model import GPT
 from minigpt.plot import plot_preferences
+from minigpt.sample import fine_tuned
 from minigpt.tasks import CHAT, CHAT_POEM, parse_tasks
 from minigpt.train import TrainConfig, train
 
@@ -79,7 +80,7 @@ def main(argv=None):
         print(f"resuming {args.out_dir} at step {ckpt['step']}")
     else:
         ref, tokenizer, ref_ckpt = load_checkpoint(args.init_from, made_by="python train_sft.py")
-        if ref_ckpt.get("stage") not in ("sft", "dpo"):
+        if not fine_tuned(ref_ckpt):
             raise CheckpointError(f"{args.init_from} is a {ref_ckpt.get('stage', 'pretraining')} checkpoint; DPO starts "
                                   "from a fine-tuned one: run python train_sft.py first, or pass --init-from runs/sft")
         model = GPT(ref.config)

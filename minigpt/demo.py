@@ -14,7 +14,7 @@ import unicodedata
 import torch
 
 from minigpt.data import PLAIN
-from minigpt.sample import TitleError, check_title, load_pair, to_simplified
+from minigpt.sample import TitleError, check_title, load_pair, shown_conversion, to_simplified
 
 
 def width(text):
@@ -131,8 +131,9 @@ def main(argv=None, read=input, out=None):
         except TitleError as e:
             out.write(f"error: {e}\n")
             continue
-        if typed != title:
-            out.write(f"({typed} -> {title})\n")
+        converted = shown_conversion(typed, title)
+        if converted:
+            out.write(converted + "\n")
         head = ("base: " + PLAIN.prompt(title).strip(), "fine-tuned: " + fmt.prompt(title))
         out.write(head[0] + " " * max(1, cols - width(head[0])) + " │ " + head[1] + "\n")
         room = sft.config.block_size - len(tokenizer.encode(fmt.prompt(title))) - 1

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.data import PLAIN
-from minigpt.sample import TitleError, check_title, continue_texts, load_pair, to_simplified
+from minigpt.sample import TitleError, check_title, continue_texts, load_pair, shown_conversion, to_simplified
 
 
 @torch.no_grad()
@@ -127,8 +127,8 @@ def main(argv=None):
               "(e.g. apt install fonts-noto-cjk) and delete ~/.cache/matplotlib", file=sys.stderr)
     out = explain(base, sft, sft_tokenizer, fmt, title, args.out_dir, args.position, tuple(args.temperatures), args.seed)
     show = to_simplified if args.simplified else str
-    converted = f"  ({args.title.strip()} -> {title})" if args.title.strip() != title else ""
-    print(f"【{show(title)}】{converted}\n{show(out['answer'])}\n"
+    converted = shown_conversion(args.title, title)
+    print(f"【{show(title)}】{'  ' + converted if converted else ''}\n{show(out['answer'])}\n"
           f"({'stopped at ' + fmt.end if out['stopped'] else 'no ' + fmt.end})")
     p_sft, p_base = out["p_end_sft"], out["p_end_base"]
     print(f"P(end) where the answer ends: fine-tuned {p_sft[-1]:.3f}, base {p_base[-1]:.3f}; "

@@ -60,6 +60,17 @@ def check_title(title, tokenizer, block_size, fmt=TITLE_TO_POEM, min_answer=16, 
     return title
 
 
+def fine_tuned(ckpt):
+    """True for a checkpoint that answers instructions: fine-tuned (SFT) or preference-tuned (DPO)."""
+    return ckpt.get("stage") in ("sft", "dpo")
+
+
+def shown_conversion(typed, title):
+    """'(typed -> title)' when the typed title was converted to traditional characters, else ''."""
+    typed = typed.strip()
+    return f"({typed} -> {title})" if typed != title else ""
+
+
 def require_runs(paths):
     """A one-line TitleError naming the script to run, for the first of {stage: run folder} that is missing."""
     scripts = {"pretrain": "python train_pretrain.py", "sft": "python train_sft.py"}
@@ -76,7 +87,7 @@ def load_pair(pretrain, sft):
     require_runs({"pretrain": pretrain, "sft": sft})
     base, base_tokenizer, _ = load_checkpoint(pretrain)
     model, tokenizer, ckpt = load_checkpoint(sft)
-    if ckpt.get("stage") not in ("sft", "dpo"):
+    if not fine_tuned(ckpt):
         raise TitleError(f"{sft} holds a {ckpt.get('stage')} model, not a fine-tuned one; pass --sft runs/sft")
     if tokenizer.itos[:base_tokenizer.vocab_size] != base_tokenizer.itos:
         raise TitleError(f"{sft} was not fine-tuned from {pretrain}; pass the pair that belongs together")
@@ -86,7 +97,7 @@ def load_pair(pretrain, sft):
 def answer_format(ckpt):
     """The prompt format a checkpoint answers in: plain text for a base model, the SFT format for a fine-tuned or
     preference-tuned one (the chat format's, if it was trained on that)."""
-    if ckpt.get("stage") not in ("sft", "dpo"):
+    if not fine_tuned(ckpt):
         return PLAIN
     return CHAT_POEM if ckpt.get("format") == "chat" else TITLE_TO_POEM
 
@@ -133,8 +144,8 @@ def main(argv=None):
                              args.seed, stop_ids=[tokenizer.stoi[end]])
     show = to_simplified if args.simplified else str
     for typed, title, answer in zip(args.title, titles, answers):
-        converted = f"  ({typed.strip()} -> {title})" if typed.strip() != title else ""
-        print(f"【{show(title)}】{converted}\n{show(answer.removesuffix(end))}")
+        converted = shown_conversion(typed, title)
+        print(f"【{show(title)}】{'  ' + converted if converted else ''}\n{show(answer.removesuffix(end))}")
         print(f"(stopped at {end})\n" if answer.endswith(end) else f"(no {end} within {args.max_new_tokens} tokens)\n")
     return answers
 
