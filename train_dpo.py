@@ -51,6 +51,9 @@ def main(argv=None):
     parser.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus the models were trained on")
     parser.add_argument("--prefer", choices=sorted(PREFERENCES), default="rhyme",
                         help="what makes an answer chosen: " + "; ".join(f"{p.name}: {p.what}" for p in PREFERENCES.values()))
+    parser.add_argument("--hold", choices=["none"] + sorted(PREFERENCES), default="none",
+                        help="what the pairs must not work against: an answer that has it is never rejected for one "
+                        "that lacks it (e.g. --hold title: rhyme is not paid for in relevance)")
     parser.add_argument("--beta", type=float, help="the implicit reward is beta * (log pi - log ref): the larger, the "
                         "less the policy needs to move to separate a pair")
     parser.add_argument("--sft-weight", type=float, default=1.0, help="weight of the SFT loss on real training poems "
@@ -74,8 +77,8 @@ def main(argv=None):
     if resumed:  # the run goes on with its own settings and its own pairs
         model, tokenizer, ckpt = resumed
         cfg = TrainConfig(**ckpt["train_config"])
-        for name in ("init_from", "prefer", "beta", "sft_weight", "eval_titles", "max_new_tokens"):
-            setattr(args, name, ckpt[name])
+        for name in ("init_from", "prefer", "hold", "beta", "sft_weight", "eval_titles", "max_new_tokens"):
+            setattr(args, name, ckpt.get(name, getattr(args, name)))  # runs from before --hold lack it
         ref, _, ref_ckpt = load_checkpoint(args.init_from, made_by="python train_sft.py")
         print(f"resuming {args.out_dir} at step {ckpt['step']}")
     else:
@@ -101,7 +104,8 @@ def main(argv=None):
         t = time.time()
         prompts = dpo_prompts(splits["train"], tasks, yard.rhyme_groups, fmt)
         random.Random(cfg.seed).shuffle(prompts)  # titles from the whole corpus, not the first poets alone
-        sampling = dict(fmt=fmt, samples=args.samples, per_prompt=args.pairs_per_prompt, max_new_tokens=args.max_new_tokens)
+        sampling = dict(fmt=fmt, samples=args.samples, per_prompt=args.pairs_per_prompt, max_new_tokens=args.max_new_tokens,
+                        hold=None if args.hold == "none" else PREFERENCES[args.hold])
         pairs, counts = make_pairs(ref, tokenizer, prompts[:args.prompts], yard, prefer, seed=cfg.seed, **sampling)
         val_prompts = dpo_prompts(splits["val"], tasks, yard.rhyme_groups, fmt)
         random.Random(cfg.seed).shuffle(val_prompts)
@@ -126,7 +130,7 @@ def main(argv=None):
                        batch_size=cfg.batch_size)  # the loop's val loss: the real val poems' answer tokens
     val_set = eval_set(splits["val"], splits["train"], args.eval_titles)
     print(f"from {args.init_from} (step {ref_ckpt['step']}): {len(pairs)} pairs, {len(val_pairs)} held out; preferred: "
-          f"{prefer.what}; beta {args.beta}, SFT weight {args.sft_weight}; writing to {args.out_dir}")
+          f"{prefer.what}{'' if args.hold == 'none' else '; never against: ' + args.hold}; beta {args.beta}, SFT weight {args.sft_weight}; writing to {args.out_dir}")
 
     def sample(m, step):
         answers = write_answers(m, tokenizer, DEMO_TITLES, poem_fmt, max_new_tokens=args.max_new_tokens)
@@ -139,7 +143,7 @@ def main(argv=None):
         return {**out, **preference_metrics(m, val_batches, args.beta)}
 
     extra_ckpt = {"stage": "dpo", "model_config": model.config.__dict__.copy(), "tokenizer": tokenizer.to_list(),
-                  "init_from": os.path.abspath(args.init_from), "prefer": args.prefer, "beta": args.beta,
+                  "init_from": os.path.abspath(args.init_from), "prefer": args.prefer, "hold": args.hold, "beta": args.beta,
                   "sft_weight": args.sft_weight, "eval_titles": args.eval_titles, "max_new_tokens": args.max_new_tokens,
                   "tasks": ref_ckpt.get("tasks", "poem"), "format": ref_ckpt.get("format", "ins")}
 

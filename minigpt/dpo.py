@@ -92,11 +92,12 @@ class Pair:
 
 
 def make_pairs(model, tokenizer, exs, yard, prefer, fmt=TITLE_TO_POEM, samples=8, per_prompt=2, max_new_tokens=128,
-               seed=0, batch_size=512, shared_start=True):
+               seed=0, batch_size=512, shared_start=True, hold=None):
     """Sample `samples` answers per example with the evaluation's sampling settings, and pair them (pair_up).
     shared_start: the model first writes one answer per prompt; its first line (couplet), if regular, then starts
     all the samples of that prompt, so that a pair differs only after it, where the rhyme is decided (the shared
-    tokens add the same log-probability to both sides, and cancel in the loss). Returns (pairs, counts)."""
+    tokens add the same log-probability to both sides, and cancel in the loss). hold: see pair_up. Returns (pairs,
+    counts)."""
     prompts = [prompt_text(ex, fmt) for ex in exs]
     starts = [""] * len(exs)
     if shared_start:
@@ -108,14 +109,17 @@ def make_pairs(model, tokenizer, exs, yard, prefer, fmt=TITLE_TO_POEM, samples=8
     room = model.config.block_size + 1 - len(tokenizer.encode(fmt.end))
     answers = [[(s + a, stopped) for a, stopped in written[i * samples:(i + 1) * samples]] for i, s in enumerate(starts)]
     return pair_up(exs, prompts, answers, yard, prefer, lambda text: len(tokenizer.encode(text, unknown="unk")) <= room,
-                   per_prompt)
+                   per_prompt, hold)
 
 
-def pair_up(exs, prompts, written, yard, prefer, fits=lambda text: True, per_prompt=2):
+def pair_up(exs, prompts, written, yard, prefer, fits=lambda text: True, per_prompt=2, hold=None):
     """Judge each prompt's answers and pair passing with failing ones: up to per_prompt pairs, each failing answer used
     once, the passing ones in turn. The rejected answer is the nearest miss first: one that passes every gate and
     fails only the preference; such an answer must have the chosen one's length (絕句 or 律詩), so that the pair
-    differs in what is preferred and not in length. Then answers that fail a gate. Returns (pairs, counts)."""
+    differs in what is preferred and not in length. Then answers that fail a gate.
+    hold: a second Preference the pairs must not work against (what the preferred one is not to be paid for with):
+    chosen answers that have it serve first, and an answer that has it is never rejected for one that lacks it.
+    Returns (pairs, counts)."""
     pairs, counts = [], collections.Counter(prompts=len(exs), samples=sum(map(len, written)))
     for ex, prompt, answers in zip(exs, prompts, written):
         judged, stops = {}, {}  # distinct answers only
@@ -127,10 +131,13 @@ def pair_up(exs, prompts, written, yard, prefer, fits=lambda text: True, per_pro
             stops[answer] = stopped
         counts.update(why or "passes" for why in judged.values())
         good, bad, before = [a for a, why in judged.items() if not why], [a for a, why in judged.items() if why], len(pairs)
+        held = {a: not hold or hold.passes(a, ex, yard) for a in judged}
+        good.sort(key=lambda a: not held[a])  # stable: otherwise in the order written
         for k in range(per_prompt if good else 0):  # passing answers are rare: each serves in turn
             chosen = good[k % len(good)]
             # a near miss of another length would teach the length: only a gate failure may differ in it
-            fair = [a for a in bad if judged[a] != f"not {prefer.name}" or a.count("\n") == chosen.count("\n")]
+            fair = [a for a in bad if (judged[a] != f"not {prefer.name}" or a.count("\n") == chosen.count("\n"))
+                    and (held[chosen] or not held[a])]
             if not fair:
                 break
             rejected = min(fair, key=lambda a: judged[a] != f"not {prefer.name}")

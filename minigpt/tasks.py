@@ -175,24 +175,33 @@ def make_followup(title, body, groups, partner):
 
 
 TASKS = (
-    Task("poem", ("請用以下題目寫一首詩", "以下面的題目作一首詩", "寫一首詩，題目如下"),
+    Task("poem", ("請用以下題目寫一首詩", "以下面的題目作一首詩", "寫一首詩，題目如下", "題目已給出，請作詩一首",
+          "請就此題賦詩一首", "為這個題目寫一首詩", "試以此題作詩", "給你一個題目，寫首詩"),
          ("根據這個題目寫詩", "下面是題目，請寫一首詩"), make_poem, is_poem),
-    Task("form", ("請用以下題目寫一首{form}", "寫一首{form}，題目如下", "以下面的題目作{form}一首"),
+    Task("form", ("請用以下題目寫一首{form}", "寫一首{form}，題目如下", "以下面的題目作{form}一首", "體裁：{form}。請按題目作詩",
+          "請以此題作一首{form}", "題目給你，寫成一首{form}", "用{form}的體裁寫這個題目", "作詩一首，要{form}，題目見下"),
          ("照這個題目寫成{form}", "題目在下面，體裁是{form}，請寫"), make_form, has_form, never_trained=("七言絕句",)),
     # a standing role: the system message sets the form, the user gives only a title
-    Task("persona", ("你是一位只寫{form}的詩人", "你只寫{form}", "你是詩人，只作{form}"),
+    Task("persona", ("你是一位只寫{form}的詩人", "你只寫{form}", "你是詩人，只作{form}", "你是一位詩人，每首都寫成{form}",
+          "無論題目是什麼，你都寫{form}", "你的詩一律是{form}", "身為詩人，你只會作{form}", "你所寫的詩都是{form}"),
          ("你作詩只用{form}", "從今以後你只寫{form}"), make_form, has_form, never_trained=("七言絕句",), system=True),
-    Task("acrostic", ("寫一首藏頭詩，每句開頭依次是{heads}", "以{heads}為每句的第一個字寫一首詩", "藏頭詩，句首用字：{heads}"),
+    Task("acrostic", ("寫一首藏頭詩，每句開頭依次是{heads}", "以{heads}為每句的第一個字寫一首詩", "藏頭詩，句首用字：{heads}",
+          "請作藏頭詩，藏{heads}", "每一句的開頭依次用{heads}", "句首的字是{heads}，請寫詩", "把{heads}藏在各句開頭，寫一首詩",
+          "寫詩，各句首字為{heads}"),
          ("每句第一個字分別用{heads}，寫一首詩", "作詩一首，句首藏{heads}"), make_acrostic, has_heads),
-    Task("continuation", ("接著寫完這首詩", "續寫下面的詩句", "這是一首詩的開頭，請寫完"),
+    Task("continuation", ("接著寫完這首詩", "續寫下面的詩句", "這是一首詩的開頭，請寫完", "請接下去寫",
+          "下面是詩的前兩句，寫出其餘的句子", "續完這首詩", "這首詩只寫了開頭，請接著寫", "以下是起句，請寫完全詩"),
          ("把這首詩補完整", "後面該怎麼寫？請續完"), make_continuation, continues, poem_answer=False),
-    Task("naming", ("為這首詩取一個題目", "給下面的詩起個標題", "這首詩的題目是什麼"),
+    Task("naming", ("為這首詩取一個題目", "給下面的詩起個標題", "這首詩的題目是什麼", "給這首詩一個題目", "請為下面的詩命題",
+          "讀了這首詩，題目應當是什麼", "替下面的詩想一個標題", "這首詩叫什麼"),
          ("請替這首詩擬題", "下面這首詩該叫什麼題目"), make_naming, names_poem, poem_answer=False),
     # chat only: the follow-up changes the constraint; 七言 is never asked for in training (a 七言絕句 would answer it)
-    Task("followup", ("再寫一首，改成{length}", "換成{length}再寫一首", "再來一首{length}的"),
+    Task("followup", ("再寫一首，改成{length}", "換成{length}再寫一首", "再來一首{length}的", "這次寫{length}", "請改用{length}再寫",
+          "再作一首，要{length}", "還是這個題目，這回用{length}", "能不能寫一首{length}的"),
          ("同一個題目，寫成{length}", "請再作一首，用{length}"), make_followup, has_line_length, never_trained=(7,),
          two_turns=True),
-    Task("rhyme", ("寫一首詩，押{rhyme}韻", "以{rhyme}字為韻寫一首詩", "用{rhyme}的韻寫詩，題目如下"),
+    Task("rhyme", ("寫一首詩，押{rhyme}韻", "以{rhyme}字為韻寫一首詩", "用{rhyme}的韻寫詩，題目如下", "請寫一首押{rhyme}韻的詩",
+          "韻用{rhyme}，題目見下，作詩一首", "按題目寫詩，用{rhyme}字的韻", "這首詩要押{rhyme}字韻", "以下題目，押{rhyme}韻作詩"),
          ("作詩一首，韻腳用{rhyme}", "請寫詩，要和{rhyme}字同韻"), make_rhyme, rhymes_with),
 )
 BY_NAME = {t.name: t for t in TASKS}

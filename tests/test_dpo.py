@@ -90,6 +90,19 @@ def test_the_nearest_miss_is_rejected_and_never_one_of_another_length():
     assert [(p.chosen, p.rejected) for p in pairs] == [(RHYMES, NO_RHYME)]  # a rhyme miss before a gate failure
 
 
+def test_a_held_preference_is_never_worked_against():
+    ex = Example("poem", TITLE_TO_POEM.instruction, "深秋", "")  # NO_RHYME names 深, RHYMES names nothing of it
+    written = [[(NO_RHYME, True), (RHYMES, True), ("亂寫", True)]]
+    pairs, _ = pair_up([ex], ["p"], written, YARD, PREFERENCES["rhyme"], per_prompt=1)
+    assert [(p.chosen, p.rejected) for p in pairs] == [(RHYMES, NO_RHYME)]  # rhyme paid for with the title
+    pairs, _ = pair_up([ex], ["p"], written, YARD, PREFERENCES["rhyme"], per_prompt=1, hold=PREFERENCES["title"])
+    assert [(p.chosen, p.rejected) for p in pairs] == [(RHYMES, "亂寫")]  # the answer that names its title is kept
+    autumn = RHYMES.replace("黃河", "秋河")  # rhymes and names 秋: served first as chosen
+    pairs, _ = pair_up([ex], ["p"], [written[0] + [(autumn, True)]], YARD, PREFERENCES["rhyme"], per_prompt=2,
+                       hold=PREFERENCES["title"])
+    assert [(p.chosen, p.rejected) for p in pairs] == [(autumn, NO_RHYME), (RHYMES, "亂寫")]
+
+
 def test_the_prompt_is_masked_and_a_run_on_has_no_end_marker(chars):
     pair = Pair("poem", TITLE_TO_POEM.prompt("登樓"), RHYMES, NO_RHYME, "no end marker", rejected_stopped=False)
     xc, yc, xr, yr, _, _ = pair_batch([pair], chars)

@@ -95,6 +95,16 @@ def test_sft_on_several_tasks_measures_each_one(pretrained, tmp_path):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["tasks"] == "poem,form,continuation"
 
 
+@pytest.mark.parametrize("tasks, evals", [("poem", [0, 10, 20]), ("poem,form", [0, 20])])
+def test_early_evals_only_where_one_task_makes_them_cheap(pretrained, tmp_path, monkeypatch, tasks, evals):
+    monkeypatch.setitem(train_sft.PRESETS, "tiny", dict(train_sft.PRESETS["tiny"], eval_every=30,
+                                                               sample_every=30, early_evals=True))
+    train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(pretrained[0]), "--out-dir",
+                    str(tmp_path), "--device", "cpu", "--tasks", tasks, "--eval-titles", "2", "--task-examples", "2"])
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl", encoding="utf-8")]
+    assert [r["step"] for r in log if r["kind"] == "eval"] == evals
+
+
 def test_sft_in_the_chat_format_grows_the_vocabulary_by_the_roles(pretrained, tmp_path):
     out, _ = pretrained
     train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(out), "--out-dir", str(tmp_path),
