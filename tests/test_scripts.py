@@ -187,9 +187,10 @@ DPO = ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--device", "cpu"]
 
 def test_dpo_runs_from_the_sft_checkpoint(finetuned, tmp_path, monkeypatch):
     monkeypatch.setattr(dpo, "judge", stand_in_judge)
-    result = train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(tmp_path)])
+    result = train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(tmp_path), "--test-titles", "4"])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["stage"] == "dpo" and ckpt["step"] == 10 and ckpt["prefer"] == "rhyme" and ckpt["beta"] == 0.1
+    assert (tmp_path / "table.txt").read_text(encoding="utf-8").count("(4 test titles;") == 1  # 6 val titles at every eval
     pairs = json.loads((tmp_path / "pairs.json").read_text(encoding="utf-8"))
     assert pairs["pairs"] and all(p["prompt"].startswith("<INS>") and p["chosen"] != p["rejected"] for p in pairs["pairs"])
     evals = [json.loads(line) for line in open(tmp_path / "log.jsonl", encoding="utf-8")]
