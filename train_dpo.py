@@ -32,8 +32,8 @@ DEMO_TITLES = ["春夜喜雨", "靜夜思", "秋日登樓", "送友人"]
 
 PRESETS = {
     "tiny": dict(batch_size=4, lr=1e-4, min_lr=1e-5, warmup_steps=2, max_steps=10, eval_every=5, sample_every=5,
-                 eval_batches=1, log_every=5, dtype="float32", prompts=8, val_prompts=8, samples=4, eval_titles=6, test_titles=6,
-                 max_new_tokens=40, beta=0.1),
+                 eval_batches=1, log_every=5, dtype="float32", prompts=8, val_prompts=8, samples=4, eval_titles=6,
+                 test_titles=6, max_new_tokens=40, beta=0.1),
     # float32: the policy's log-probabilities are computed as the reference's were, so step 0 gives exactly log 2
     "cpu": dict(batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=10, max_steps=100000, max_minutes=3.0, eval_every=50,
                 sample_every=100, eval_batches=8, log_every=10, dtype="float32", prompts=3000, val_prompts=400,
@@ -131,8 +131,9 @@ def main(argv=None):
     val = loss_batches(tokenizer, val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size), poem_fmt,
                        batch_size=cfg.batch_size)  # the loop's val loss: the real val poems' answer tokens
     val_set = eval_set(splits["val"], splits["train"], args.eval_titles)
+    held = "" if args.hold == "none" else f"; never against: {args.hold}"
     print(f"from {args.init_from} (step {ref_ckpt['step']}): {len(pairs)} pairs, {len(val_pairs)} held out; preferred: "
-          f"{prefer.what}{'' if args.hold == 'none' else '; never against: ' + args.hold}; beta {args.beta}, SFT weight {args.sft_weight}; writing to {args.out_dir}")
+          f"{prefer.what}{held}; beta {args.beta}, SFT weight {args.sft_weight}; writing to {args.out_dir}")
 
     def sample(m, step):
         answers = write_answers(m, tokenizer, DEMO_TITLES, poem_fmt, max_new_tokens=args.max_new_tokens)
