@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from minigpt.checkpoint import replace_durably
 from minigpt.data import MEANINGLESS_TITLES, REGULAR_LINE, TITLE_TO_POEM, clauses, clean_title, is_regular, render, sft_batch
-from minigpt.evaluate import complete, first_poem, line_endings, mentions_title, repeats_clause, rhymes
+from minigpt.evaluate import LINE_PUNCTUATION, complete, first_poem, line_endings, mentions_title, repeats_clause, rhymes
 from minigpt.model import IGNORE_INDEX
 from minigpt.tasks import BY_NAME, Example, examples, prompt_text
 
@@ -235,13 +235,61 @@ def preference_metrics(model, batches, beta):
             "reward_margin": margin.mean().item()}
 
 
+# ---- where a margin comes from: the rhyme learnt, or the pairs remembered ----
+
+def ending_places(answer):
+    """Where in the answer the characters that the rhyme checker reads are: each line's last before its punctuation."""
+    places, start = [], 0
+    for line in answer.split("\n"):
+        body = line.rstrip(LINE_PUNCTUATION)
+        if body:
+            places.append(start + len(body) - 1)
+        start += len(line) + 1
+    return places
+
+
+@torch.no_grad()
+def margin_parts(model, reference, pairs, tokenizer, fmt=TITLE_TO_POEM, batch_size=64):
+    """[(at the line endings, everywhere else)] per pair: the log-ratio log pi - log ref of the chosen answer minus the
+    rejected one's, split by where the tokens are (the two parts add up to the margin over beta). A rhyme preference
+    that was learnt shows at the line endings of pairs never trained on; a margin made elsewhere on the training pairs
+    alone is the chosen answers remembered."""
+    was_training = model.training
+    model.eval()
+    device = model.tok_emb.weight.device
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        xc, yc, xr, yr, _, _ = pair_batch(chunk, tokenizer, fmt)
+        x, y = torch.cat([xc, xr]).to(device), torch.cat([yc, yr]).to(device)
+        ratio = (token_logprobs(model, x, y) - token_logprobs(reference, x, y)).cpu()  # (2B, T), 0 off the answer
+        answers = [p.chosen for p in chunk] + [p.rejected for p in chunk]
+        parts = []
+        for row, answer, target in zip(ratio, answers, y.cpu()):
+            on_answer = row[target != IGNORE_INDEX]  # the answer's characters in order, then its end marker
+            at_endings = on_answer[ending_places(answer)].sum().item()
+            parts.append((at_endings, on_answer.sum().item() - at_endings))
+        n = len(chunk)
+        out += [(c[0] - r[0], c[1] - r[1]) for c, r in zip(parts[:n], parts[n:])]
+    model.train(was_training)
+    return out
+
+
+def margin_shares(parts):
+    """The share of pairs whose margin is above 0: in all, at the line endings alone, elsewhere alone (ties count
+    half, as in preference_metrics)."""
+    right = lambda values: sum((v > 0) + 0.5 * (v == 0) for v in values) / len(values)
+    return {"all": right([e + r for e, r in parts]), "endings": right([e for e, _ in parts]),
+            "elsewhere": right([r for _, r in parts])}
+
+
 # ---- showing the rhyme ----
 
 def mark_endings(answer, groups):
     """The answer with each line's last character in brackets, and what the rhyme checker says of them."""
     marked = []
     for line in answer.split("\n"):
-        body = line.rstrip("，。？！；：、")
+        body = line.rstrip(LINE_PUNCTUATION)
         marked.append(f"{body[:-1]}[{body[-1:]}]{line[len(body):]}" if body else line)
     ends = line_endings(answer)
     verdict = "rhymes" if rhymes(answer, groups) else \
@@ -261,3 +309,42 @@ def load_pairs(path):
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     return [Pair(**p) for p in data["pairs"]], data["counts"]
+
+
+def main(argv=None):
+    """python -m minigpt.dpo runs/dpo: where a finished run's margins come from, on its held-out and training pairs."""
+    import argparse
+    import os
+    import sys
+
+    from minigpt.checkpoint import CheckpointError, load_checkpoint
+    from minigpt.tasks import CHAT
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("run", help="a train_dpo.py run folder (its ckpt.pt, pairs.json and val_pairs.json)")
+    p.add_argument("--train-pairs", type=int, default=400, help="training pairs to look at (the first ones)")
+    args = p.parse_args(argv)
+    try:
+        if not os.path.isdir(args.run):
+            raise CheckpointError(f"{args.run} is not a run folder; pass the --out-dir of python train_dpo.py")
+        model, tokenizer, ckpt = load_checkpoint(args.run, made_by="python train_dpo.py")
+        if ckpt.get("stage") != "dpo":
+            raise CheckpointError(f"{args.run} holds a {ckpt.get('stage', 'pretraining')} checkpoint, not a DPO run")
+        reference, _, _ = load_checkpoint(ckpt["init_from"], made_by="python train_sft.py")
+        held, _ = load_pairs(os.path.join(args.run, "val_pairs.json"))
+        train, _ = load_pairs(os.path.join(args.run, "pairs.json"))
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    fmt = CHAT if ckpt.get("format") == "chat" else TITLE_TO_POEM
+    print(f"{args.run} against its reference {ckpt['init_from']}: share of pairs whose chosen answer gained more "
+          "log-ratio than the rejected one")
+    out = {}
+    for name, pairs in (("held-out val pairs", held), ("training pairs", train[:args.train_pairs])):
+        s = out[name] = margin_shares(margin_parts(model, reference, pairs, tokenizer, fmt))
+        print(f"  {len(pairs):5d} {name:<20} in all {s['all']:6.1%}   at the line endings alone {s['endings']:6.1%}   "
+              f"elsewhere {s['elsewhere']:6.1%}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -140,9 +140,12 @@ def distinct_clauses(answers):
     return len(set(cs)) / max(len(cs), 1)
 
 
+LINE_PUNCTUATION = "，。？！；：、"  # what may close a line after its last character
+
+
 def line_endings(text):
     """The last character of each line (each couplet, in regular verse), before its punctuation."""
-    return [line.rstrip("，。？！；：、")[-1:] for line in text.split("\n") if line.rstrip("，。？！；：、")]
+    return [line.rstrip(LINE_PUNCTUATION)[-1:] for line in text.split("\n") if line.rstrip(LINE_PUNCTUATION)]
 
 
 def learn_rhyme_groups(poems, strong=5, weak=2):

@@ -157,6 +157,34 @@ def test_a_step_on_a_pair_raises_the_chosen_answer(model, chars):
     assert stats["pref_accuracy"] == 1.0 and stats["reward_margin"] > 0 and stats["pref_loss"] < math.log(2)
 
 
+def test_a_margin_splits_into_the_line_endings_and_the_rest(model, chars):
+    assert [RHYMES[i] for i in dpo.ending_places(RHYMES)] == ["流", "樓"]
+    assert dpo.ending_places("春眠，\n\n不覺曉。") == [1, 7]  # an empty line holds no ending
+    pairs = [Pair("poem", TITLE_TO_POEM.prompt("登樓"), RHYMES, NO_RHYME, "not rhyme"),
+             Pair("poem", TITLE_TO_POEM.prompt("秋雨"), NO_RHYME, "白日依山盡，黃河", "not rhyme", False)]
+    same = dpo.margin_parts(model, model, pairs, chars)
+    assert same == [(0.0, 0.0)] * 2 and dpo.margin_shares(same) == {"all": 0.5, "endings": 0.5, "elsewhere": 0.5}
+    torch.manual_seed(2)
+    policy = GPT(model.config).eval()
+    policy.load_state_dict(model.state_dict())
+    policy.lm_head.weight.data.add_(torch.randn_like(policy.lm_head.weight))
+
+    def ratios(prompt, answer):  # log pi - log ref of each answer token (and <END> where it stopped), by hand
+        ids, n = chars.encode(prompt + answer), len(chars.encode(prompt))
+        logp = [F.log_softmax(m(torch.tensor([ids[:-1]]))[0][0], dim=-1) for m in (policy, model)]
+        return [(logp[0][t - 1, ids[t]] - logp[1][t - 1, ids[t]]).item() for t in range(n, len(ids))]
+
+    def split(prompt, answer):
+        r, at = ratios(prompt, answer), set(dpo.ending_places(answer.replace("<END>", "")))
+        return sum(v for i, v in enumerate(r) if i in at), sum(v for i, v in enumerate(r) if i not in at)
+
+    parts = dpo.margin_parts(policy, model, pairs, chars)
+    for (endings, rest), p, stopped in zip(parts, pairs, (True, False)):
+        c, r = split(p.prompt, p.chosen + "<END>"), split(p.prompt, p.rejected + "<END>" * stopped)
+        assert endings == pytest.approx(c[0] - r[0], abs=1e-4) and rest == pytest.approx(c[1] - r[1], abs=1e-4)
+        assert abs(endings) > 1e-3 and abs(rest) > 1e-3
+
+
 def test_the_rhyming_endings_are_marked():
     assert mark_endings(RHYMES, YARD.rhyme_groups) == "白日依山盡，黃河入海[流]。\n欲窮千里目，更上一層[樓]。   <- rhymes"
     assert mark_endings(NO_RHYME, YARD.rhyme_groups).endswith("<- no rhyme (深:深 樓:流)")

@@ -1,6 +1,7 @@
 """The three scripts end to end on the tiny preset and the fixture corpus."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -199,7 +200,12 @@ def test_dpo_runs_from_the_sft_checkpoint(finetuned, tmp_path, monkeypatch):
     assert evals[0]["pref_loss"] == pytest.approx(math.log(2), abs=1e-5) and evals[0]["reward_margin"] == pytest.approx(0, abs=1e-5)
     assert all({"pref_accuracy", "stop_rate", "rhyme_rate", "val_loss"} <= set(r) for r in evals)
     assert [name for name, _ in result["columns"]] == ["real poems", "SFT (reference)", "DPO (rhyme)"]
-    assert (tmp_path / "preference.png").stat().st_size > 1000 and "rhymes" in (tmp_path / "table.txt").read_text(encoding="utf-8")
+    table = " ".join((tmp_path / "table.txt").read_text(encoding="utf-8").split())
+    assert (tmp_path / "preference.png").stat().st_size > 1000 and "rhymes" in table
+    assert re.search(r"in all / at the line endings alone / elsewhere: \d+ held-out val pairs [\d.]+% / [\d.]+% / [\d.]+%; "
+                     r"\d+ training pairs [\d.]+% / [\d.]+% / [\d.]+%\.", table)
+    shares = dpo.main([str(tmp_path)])  # the same split for a finished run, from its folder
+    assert shares["held-out val pairs"]["all"] == pytest.approx(result["pref_accuracy"])
 
 
 def test_dpo_from_a_multi_task_chat_model_asks_its_tasks_in_its_format(pretrained, tmp_path, monkeypatch):
