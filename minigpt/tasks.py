@@ -187,7 +187,14 @@ TASKS = (
          ("你作詩只用{form}", "從今以後你只寫{form}"), make_form, has_form, never_trained=("七言絕句",), system=True),
     Task("acrostic", ("寫一首藏頭詩，每句開頭依次是{heads}", "以{heads}為每句的第一個字寫一首詩", "藏頭詩，句首用字：{heads}",
           "請作藏頭詩，藏{heads}", "每一句的開頭依次用{heads}", "句首的字是{heads}，請寫詩", "把{heads}藏在各句開頭，寫一首詩",
-          "寫詩，各句首字為{heads}"),
+          "寫詩，各句首字為{heads}",
+          # sixteen more: a head-list has no fixed place in an instruction, so the model must find it, not recall it
+          "{heads}，這幾個字依次放在每句開頭，寫一首詩", "請寫一首詩，讓每句的頭一個字連起來是{heads}", "藏頭：{heads}。請依題作詩",
+          "依次以{heads}開頭，每句一字，作詩", "寫一首詩，句句開頭的字連讀為{heads}", "各句起首之字：{heads}，請作詩",
+          "詩中每句首字依序為{heads}", "用{heads}作藏頭，寫一首詩", "給你幾個字：{heads}，都藏在句首",
+          "每句以一個字開頭，依次是{heads}，請寫", "寫首藏頭詩，藏的是{heads}", "按{heads}的順序，作每一句的第一字",
+          "請以藏頭的方式寫詩，句首是{heads}", "把這些字放在句首：{heads}", "{heads}：以此為各句首字寫詩",
+          "一句一字，句首依次用{heads}寫詩"),
          ("每句第一個字分別用{heads}，寫一首詩", "作詩一首，句首藏{heads}"), make_acrostic, has_heads),
     Task("continuation", ("接著寫完這首詩", "續寫下面的詩句", "這是一首詩的開頭，請寫完", "請接下去寫",
           "下面是詩的前兩句，寫出其餘的句子", "續完這首詩", "這首詩只寫了開頭，請接著寫", "以下是起句，請寫完全詩"),
@@ -201,7 +208,11 @@ TASKS = (
          ("同一個題目，寫成{length}", "請再作一首，用{length}"), make_followup, has_line_length, never_trained=(7,),
          two_turns=True),
     Task("rhyme", ("寫一首詩，押{rhyme}韻", "以{rhyme}字為韻寫一首詩", "用{rhyme}的韻寫詩，題目如下", "請寫一首押{rhyme}韻的詩",
-          "韻用{rhyme}，題目見下，作詩一首", "按題目寫詩，用{rhyme}字的韻", "這首詩要押{rhyme}字韻", "以下題目，押{rhyme}韻作詩"),
+          "韻用{rhyme}，題目見下，作詩一首", "按題目寫詩，用{rhyme}字的韻", "這首詩要押{rhyme}字韻", "以下題目，押{rhyme}韻作詩",
+          "{rhyme}字韻，請依題作詩", "寫詩一首，用{rhyme}字所在的韻", "押韻要求：{rhyme}韻。題目如下", "韻部取{rhyme}字，寫一首詩",
+          "請以{rhyme}韻作詩", "這次押{rhyme}韻，寫一首", "依{rhyme}字的韻寫一首詩", "每句句末押{rhyme}字的韻",
+          "題目在下，韻是{rhyme}", "用{rhyme}韻，按題寫詩", "{rhyme}韻一首，題目見下", "寫首押{rhyme}韻的詩",
+          "選{rhyme}字的韻寫詩", "以{rhyme}字押韻，寫一首詩", "押{rhyme}字韻，題目如下，請寫", "請依{rhyme}韻寫一首詩"),
          ("作詩一首，韻腳用{rhyme}", "請寫詩，要和{rhyme}字同韻"), make_rhyme, rhymes_with),
 )
 BY_NAME = {t.name: t for t in TASKS}
