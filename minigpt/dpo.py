@@ -323,12 +323,15 @@ def main(argv=None):
     p.add_argument("run", help="a train_dpo.py run folder (its ckpt.pt, pairs.json and val_pairs.json)")
     p.add_argument("--train-pairs", type=int, default=400, help="training pairs to look at (the first ones)")
     args = p.parse_args(argv)
+    if args.train_pairs <= 0:
+        p.error(f"--train-pairs must be positive, got {args.train_pairs}")
     try:
         if not os.path.isdir(args.run):
             raise CheckpointError(f"{args.run} is not a run folder; pass the --out-dir of python train_dpo.py")
         model, tokenizer, ckpt = load_checkpoint(args.run, made_by="python train_dpo.py")
         if ckpt.get("stage") != "dpo":
-            raise CheckpointError(f"{args.run} holds a {ckpt.get('stage', 'pretraining')} checkpoint, not a DPO run")
+            raise CheckpointError(f"{args.run} is a {ckpt.get('stage', 'pretraining')} run, not a DPO one; pass the "
+                                  "--out-dir of python train_dpo.py")
         reference, _, _ = load_checkpoint(ckpt["init_from"], made_by="python train_sft.py")
         held, _ = load_pairs(os.path.join(args.run, "val_pairs.json"))
         train, _ = load_pairs(os.path.join(args.run, "pairs.json"))

@@ -206,6 +206,9 @@ def test_dpo_runs_from_the_sft_checkpoint(finetuned, tmp_path, monkeypatch):
                      r"\d+ training pairs [\d.]+% / [\d.]+% / [\d.]+%\.", table)
     shares = dpo.main([str(tmp_path)])  # the same split for a finished run, from its folder
     assert shares["held-out val pairs"]["all"] == pytest.approx(result["pref_accuracy"])
+    with pytest.raises(SystemExit) as stop:  # an SFT run has no pairs to look at: one line, exit 2
+        dpo.main([str(finetuned)])
+    assert stop.value.code == 2
 
 
 def test_dpo_from_a_multi_task_chat_model_asks_its_tasks_in_its_format(pretrained, tmp_path, monkeypatch):
