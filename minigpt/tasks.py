@@ -8,6 +8,7 @@ names one; adding a task touches this file only.
 import argparse
 import collections
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -314,6 +315,24 @@ def score_written(written, exs, task, never_stops=False):
     return out
 
 
+def phrasing_of(task, instruction):
+    """The phrasing of task (trained or held-out) that an example's instruction was written from, or None."""
+    for phrasing in task.phrasings + task.held_out:
+        if re.fullmatch("(.+?)".join(map(re.escape, re.split(r"\{\w+\}", phrasing))), instruction):
+            return phrasing
+    return None
+
+
+def by_phrasing(written, exs, task):
+    """{phrasing: (examples, share that comply)} for what was written ([(text, stopped)] for the examples exs of task);
+    for the acrostic the share is of clauses that start with their head. Which wordings the model follows."""
+    scored = collections.defaultdict(list)
+    for (answer, _), ex in zip(written, exs):
+        score = head_hits(answer, ex.want) / len(ex.want) if task.name == "acrostic" else float(task.check(answer, ex))
+        scored[phrasing_of(task, ex.instruction)].append(score)
+    return {p: (len(v), sum(v) / len(v)) for p, v in scored.items()}
+
+
 def format_task_table(columns, note=""):
     """columns: [(name, measure_tasks result)] -> a text table, a block of rows per task."""
     width, cell = 40, [max(len(name) + 2, 10) for name, _ in columns]
@@ -388,6 +407,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=200, help="test examples per task")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--tasks", help="the tasks to measure (default: those the multi-task run trained on)")
+    p.add_argument("--by-phrasing", action="store_true", help="also the multi-task model's compliance on each phrasing")
     args = p.parse_args(argv)
     try:
         if args.n <= 0 or args.max_new_tokens <= 0:
@@ -413,6 +433,14 @@ def main(argv=None):
     held = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T, held_out=True, fmt=fmt)
     columns = task_columns(base, tokenizer, seen, held, [(name, m) for name, (m, _, _) in models], args.max_new_tokens, fmt)
     print(format_task_table(columns, f"({args.n} test examples per task at most. {TABLE_NOTE})"))
+    if args.by_phrasing:  # the clauses with their head for the acrostic
+        model = models[-1][1][0]
+        for kind, by_task in (("trained", seen), ("held-out", held)):
+            for name, exs in by_task.items():
+                task = BY_NAME[name.split(":")[0]]
+                written = complete(model, tokenizer, [prompt_text(ex, fmt) for ex in exs], args.max_new_tokens, stop=fmt.end)
+                for phrasing, (n, share) in sorted(by_phrasing(written, exs, task).items(), key=lambda kv: -kv[1][1]):
+                    print(f"{name:<16} {kind:<9} {share:6.1%} of {n:4d}  {phrasing}")
     return columns
 
 

@@ -4,7 +4,7 @@ import collections
 import pytest
 
 from minigpt.data import Poem
-from minigpt.tasks import BY_NAME, TASKS, Example, examples, form_of, head_hits
+from minigpt.tasks import BY_NAME, TASKS, Example, by_phrasing, examples, form_of, head_hits, phrasing_of
 
 WUJUE = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"
 QIJUE = "朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，輕舟已過萬重山。"
@@ -93,6 +93,27 @@ def test_examples_are_phrased_and_keep_the_unseen_combination_out_of_training():
 def test_every_task_has_held_out_phrasings(task):
     assert len(task.phrasings) >= 3 and len(task.held_out) >= 2
     assert not set(task.phrasings) & set(task.held_out)
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
+def test_every_instruction_is_traced_to_its_own_phrasing(task):
+    fields = {"form": "五言律詩", "heads": "春眠不覺", "length": "七言", "rhyme": "州"}
+    for phrasing in task.phrasings + task.held_out:
+        assert phrasing_of(task, phrasing.format(**fields)) == phrasing
+    assert phrasing_of(task, "隨便寫點什麼") is None
+
+
+def test_compliance_by_phrasing_on_hand_made_answers():
+    acrostic, rhyme = BY_NAME["acrostic"], BY_NAME["rhyme"]
+    heads = "白黃欲更"
+    exs = [Example("acrostic", acrostic.phrasings[0].format(heads=heads), "登樓", "", heads),
+           Example("acrostic", acrostic.phrasings[0].format(heads=heads), "登樓", "", heads),
+           Example("acrostic", acrostic.held_out[0].format(heads=heads), "登樓", "", heads)]
+    poem = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"
+    written = [(poem, True), ("白日依山盡，河水入海流。\n千里欲窮目，更上一層樓。", True), ("春眠不覺曉，處處聞啼鳥。", True)]
+    assert by_phrasing(written, exs, acrostic) == {acrostic.phrasings[0]: (2, 0.75), acrostic.held_out[0]: (1, 0.0)}
+    asked = Example("rhyme", rhyme.held_out[1].format(rhyme="州"), "登樓", "", frozenset("流樓州"))
+    assert by_phrasing([(poem, True)], [asked], rhyme) == {rhyme.held_out[1]: (1, 1.0)}
 
 
 def test_the_first_poem_phrasing_is_the_single_task_instruction():
