@@ -291,16 +291,19 @@ def eval_examples(poems, tasks, rhyme_groups, n, tokenizer, block_size, held_out
     return out
 
 
-def measure_tasks(model, tokenizer, by_task, max_new_tokens=128, never_stops=False, fmt=TITLE_TO_POEM):
+def measure_tasks(model, tokenizer, by_task, max_new_tokens=128, never_stops=False, fmt=TITLE_TO_POEM, phrasings=False):
     """{task: {comply, stop, run_on}} as fractions: whether each answer passes its task's checker, ended with <END>,
     and ran on past one answer; the acrostic adds the share of clauses that start with their head character.
     never_stops: a model that never saw <END> (the base model): its answer is its first poem, as in the title -> poem
-    table, and it has no stop rate."""
+    table, and it has no stop rate. phrasings: each task also holds its by_phrasing figures, from the same answers."""
     out = {}
     for name, exs in by_task.items():
         if exs:
+            task = BY_NAME[name.split(":")[0]]
             written = complete(model, tokenizer, [prompt_text(ex, fmt) for ex in exs], max_new_tokens, stop=fmt.end)
-            out[name] = score_written(written, exs, BY_NAME[name.split(":")[0]], never_stops)
+            out[name] = score_written(written, exs, task, never_stops)
+            if phrasings:
+                out[name]["phrasings"] = by_phrasing(written, exs, task)
     return out
 
 
@@ -376,14 +379,15 @@ def write_heads_in(model, tokenizer, exs, max_clause=10, fmt=TITLE_TO_POEM):
     return out
 
 
-def task_columns(base, tokenizer, seen, held_out, models, max_new_tokens=128, fmt=TITLE_TO_POEM):
+def task_columns(base, tokenizer, seen, held_out, models, max_new_tokens=128, fmt=TITLE_TO_POEM, phrasings=False):
     """The columns of the task table: the base model given the prompt; each fine-tuned model of models
     [(name, model)] on the trained phrasings; the last one also on the held-out phrasings and, for the acrostic,
-    with the head characters written in by the program."""
+    with the head characters written in by the program. phrasings: the fine-tuned columns hold by_phrasing too."""
     columns = [("base, given the prompt", measure_tasks(base, tokenizer, seen, max_new_tokens, True, fmt))]
-    columns += [(name, measure_tasks(m, tokenizer, seen, max_new_tokens, fmt=fmt)) for name, m in models]
+    columns += [(name, measure_tasks(m, tokenizer, seen, max_new_tokens, fmt=fmt, phrasings=phrasings)) for name, m in models]
     name, last = models[-1]
-    columns.append((name + ", held-out phrasings", measure_tasks(last, tokenizer, held_out, max_new_tokens, fmt=fmt)))
+    columns.append((name + ", held-out phrasings",
+                    measure_tasks(last, tokenizer, held_out, max_new_tokens, fmt=fmt, phrasings=phrasings)))
     if seen.get("acrostic"):
         forced = write_heads_in(last, tokenizer, seen["acrostic"], fmt=fmt)
         columns.append((name + ", heads written in", {"acrostic": score_written(forced, seen["acrostic"], BY_NAME["acrostic"])}))
@@ -431,15 +435,13 @@ def main(argv=None):
         base = grow_vocab(base, tokenizer.vocab_size)
     seen = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T, fmt=fmt)
     held = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T, held_out=True, fmt=fmt)
-    columns = task_columns(base, tokenizer, seen, held, [(name, m) for name, (m, _, _) in models], args.max_new_tokens, fmt)
+    columns = task_columns(base, tokenizer, seen, held, [(name, m) for name, (m, _, _) in models], args.max_new_tokens, fmt,
+                           phrasings=args.by_phrasing)
     print(format_task_table(columns, f"({args.n} test examples per task at most. {TABLE_NOTE})"))
-    if args.by_phrasing:  # the clauses with their head for the acrostic
-        model = models[-1][1][0]
-        for kind, by_task in (("trained", seen), ("held-out", held)):
-            for name, exs in by_task.items():
-                task = BY_NAME[name.split(":")[0]]
-                written = complete(model, tokenizer, [prompt_text(ex, fmt) for ex in exs], args.max_new_tokens, stop=fmt.end)
-                for phrasing, (n, share) in sorted(by_phrasing(written, exs, task).items(), key=lambda kv: -kv[1][1]):
+    if args.by_phrasing:  # the multi-task model's two columns; the clauses with their head for the acrostic
+        for kind, (_, by_task) in zip(("trained", "held-out"), columns[len(models):len(models) + 2]):
+            for name, rates in by_task.items():
+                for phrasing, (n, share) in sorted(rates["phrasings"].items(), key=lambda kv: -kv[1][1]):
                     print(f"{name:<16} {kind:<9} {share:6.1%} of {n:4d}  {phrasing}")
     return columns
 

@@ -162,6 +162,19 @@ def test_measure_tasks_checks_stops_and_run_ons(monkeypatch):
     assert got["acrostic"]["comply"] == 0.5 and got["acrostic"]["heads"] == 7 / 8
 
 
+def test_measure_tasks_splits_the_same_answers_by_phrasing(monkeypatch):
+    from minigpt import tasks
+    form = BY_NAME["form"]
+    exs = {"form": [Example("form", form.phrasings[k].format(form="七言絕句"), "登高", "", "七言絕句") for k in (0, 0, 1)]}
+    written = [(QIJUE, True), (WUJUE, True), (QIJUE, True)]
+    calls = []
+    monkeypatch.setattr(tasks, "complete", lambda model, tok, prompts, max_new_tokens, **kw: calls.append(prompts) or written)
+    got = tasks.measure_tasks(None, None, exs, phrasings=True)["form"]
+    assert got["phrasings"] == {form.phrasings[0]: (2, 0.5), form.phrasings[1]: (1, 1.0)} and got["comply"] == 2 / 3
+    assert len(calls) == 1  # one generation serves both
+    assert "phrasings" not in tasks.measure_tasks(None, None, exs)["form"]
+
+
 def test_the_task_table_has_a_row_per_task_and_measure():
     from minigpt.tasks import format_task_table
     col = {"form": {"comply": 0.5, "stop": 1.0, "run_on": 0.0}, "acrostic": {"comply": 0.25, "heads": 0.5, "stop": 1.0, "run_on": 0.0}}
