@@ -175,6 +175,54 @@ def make_followup(title, body, groups, partner):
     return {"length": "五言" if length == 5 else "七言"}, title, partner, length, body
 
 
+
+# The acrostic and the rhyme carry characters the answer must use. A model trained on a few wordings learns where those
+# characters sit in each wording it saw, and on a new wording copies whatever sits there (measured: on
+# 每句第一個字分別用{heads} the clauses start with 第, 分, 別). So besides the hand-written phrasings, each is also every
+# pairing of a request with a way to name the characters, in both orders: the characters have no fixed place.
+REQUESTS = ("寫一首詩", "請寫一首詩", "賦詩一首", "寫首詩", "請依題作詩", "按題目寫詩", "來一首詩", "題目如下，請寫詩",
+            "作一首詩", "請賦一首")
+
+
+def compose(hand_written, asks, held_out, requests=REQUESTS):
+    """The hand-written phrasings, then each ask joined to each request ('request，ask', 'ask，request', 'request：ask'),
+    leaving out any that equals, holds or sits inside a held-out phrasing, or names its characters with the two
+    characters a held-out phrasing puts before them."""
+    composed = [f"{r}{sep}{a}" for a in asks for r in requests for sep in "，："] + [f"{a}，{r}" for a in asks for r in requests]
+    before = {re.split(r"\{\w+\}", h)[0][-2:] + "{" for h in held_out}
+    ok = [p for p in dict.fromkeys(hand_written + tuple(composed))
+          if not any(h in p or p in h for h in held_out) and not any(b in p for b in before)]
+    return tuple(ok)
+
+
+ACROSTIC_HELD_OUT = ("每句第一個字分別用{heads}，寫一首詩", "作詩一首，句首藏{heads}")
+ACROSTIC_PHRASINGS = compose((
+    "寫一首藏頭詩，每句開頭依次是{heads}", "以{heads}為每句的第一個字寫一首詩", "藏頭詩，句首用字：{heads}",
+    "請作藏頭詩，藏{heads}", "每一句的開頭依次用{heads}", "句首的字是{heads}，請寫詩", "把{heads}藏在各句開頭，寫一首詩",
+    "寫詩，各句首字為{heads}", "{heads}，這幾個字依次放在每句開頭，寫一首詩", "請寫一首詩，讓每句的頭一個字連起來是{heads}",
+    "藏頭：{heads}。請依題作詩", "依次以{heads}開頭，每句一字，作詩", "寫一首詩，句句開頭的字連讀為{heads}",
+    "各句起首之字：{heads}，請作詩", "詩中每句首字依序為{heads}", "用{heads}作藏頭，寫一首詩", "給你幾個字：{heads}，都藏在句首",
+    "每句以一個字開頭，依次是{heads}，請寫", "寫首藏頭詩，藏的是{heads}", "按{heads}的順序，作每一句的第一字",
+    "請以藏頭的方式寫詩，句首是{heads}", "把這些字放在句首：{heads}", "{heads}：以此為各句首字寫詩", "一句一字，句首依次用{heads}寫詩"),
+    ("每句開頭依次是{heads}", "各句的第一字依次為{heads}", "句首的字依次是{heads}", "藏頭用{heads}", "把{heads}藏在句首",
+     "以{heads}為各句首字", "{heads}依次放在每句開頭", "首字依序是{heads}", "開頭的字連起來是{heads}", "藏頭的字是{heads}",
+     "{heads}這幾個字作句首", "每句的頭一個字按次序是{heads}", "頭字：{heads}", "句首字為{heads}", "要把{heads}依次藏在每句之首",
+     "各句起頭用{heads}"),
+    ACROSTIC_HELD_OUT)
+
+RHYME_HELD_OUT = ("作詩一首，韻腳用{rhyme}", "請寫詩，要和{rhyme}字同韻")
+RHYME_PHRASINGS = compose((
+    "寫一首詩，押{rhyme}韻", "以{rhyme}字為韻寫一首詩", "用{rhyme}的韻寫詩，題目如下", "請寫一首押{rhyme}韻的詩",
+    "韻用{rhyme}，題目見下，作詩一首", "按題目寫詩，用{rhyme}字的韻", "這首詩要押{rhyme}字韻", "以下題目，押{rhyme}韻作詩",
+    "{rhyme}字韻，請依題作詩", "寫詩一首，用{rhyme}字所在的韻", "押韻要求：{rhyme}韻。題目如下", "韻部取{rhyme}字，寫一首詩",
+    "請以{rhyme}韻作詩", "這次押{rhyme}韻，寫一首", "依{rhyme}字的韻寫一首詩", "每句句末押{rhyme}字的韻",
+    "題目在下，韻是{rhyme}", "用{rhyme}韻，按題寫詩", "{rhyme}韻一首，題目見下", "寫首押{rhyme}韻的詩",
+    "選{rhyme}字的韻寫詩", "以{rhyme}字押韻，寫一首詩", "押{rhyme}字韻，題目如下，請寫", "請依{rhyme}韻寫一首詩"),
+    ("押{rhyme}韻", "押{rhyme}字的韻", "用{rhyme}字韻", "韻用{rhyme}字", "以{rhyme}為韻", "句末押{rhyme}韻", "與{rhyme}字押韻",
+     "{rhyme}字韻", "韻字取{rhyme}", "用{rhyme}韻", "押的韻是{rhyme}", "依{rhyme}字押韻", "韻：{rhyme}", "句尾的字和{rhyme}押韻",
+     "韻部同{rhyme}字", "{rhyme}韻到底"),
+    RHYME_HELD_OUT)
+
 TASKS = (
     Task("poem", ("請用以下題目寫一首詩", "以下面的題目作一首詩", "寫一首詩，題目如下", "題目已給出，請作詩一首",
           "請就此題賦詩一首", "為這個題目寫一首詩", "試以此題作詩", "給你一個題目，寫首詩"),
@@ -185,18 +233,8 @@ TASKS = (
     # a standing role: the system message sets the form, the user gives only a title
     Task("persona", ("你是一位只寫{form}的詩人", "你只寫{form}", "你是詩人，只作{form}", "你是一位詩人，每首都寫成{form}",
           "無論題目是什麼，你都寫{form}", "你的詩一律是{form}", "身為詩人，你只會作{form}", "你所寫的詩都是{form}"),
-         ("你作詩只用{form}", "從今以後你只寫{form}"), make_form, has_form, never_trained=("七言絕句",), system=True),
-    Task("acrostic", ("寫一首藏頭詩，每句開頭依次是{heads}", "以{heads}為每句的第一個字寫一首詩", "藏頭詩，句首用字：{heads}",
-          "請作藏頭詩，藏{heads}", "每一句的開頭依次用{heads}", "句首的字是{heads}，請寫詩", "把{heads}藏在各句開頭，寫一首詩",
-          "寫詩，各句首字為{heads}",
-          # sixteen more: a head-list has no fixed place in an instruction, so the model must find it, not recall it
-          "{heads}，這幾個字依次放在每句開頭，寫一首詩", "請寫一首詩，讓每句的頭一個字連起來是{heads}", "藏頭：{heads}。請依題作詩",
-          "依次以{heads}開頭，每句一字，作詩", "寫一首詩，句句開頭的字連讀為{heads}", "各句起首之字：{heads}，請作詩",
-          "詩中每句首字依序為{heads}", "用{heads}作藏頭，寫一首詩", "給你幾個字：{heads}，都藏在句首",
-          "每句以一個字開頭，依次是{heads}，請寫", "寫首藏頭詩，藏的是{heads}", "按{heads}的順序，作每一句的第一字",
-          "請以藏頭的方式寫詩，句首是{heads}", "把這些字放在句首：{heads}", "{heads}：以此為各句首字寫詩",
-          "一句一字，句首依次用{heads}寫詩"),
-         ("每句第一個字分別用{heads}，寫一首詩", "作詩一首，句首藏{heads}"), make_acrostic, has_heads),
+         ("你作詩只用{form}", "從今以後，凡有題目皆作{form}"), make_form, has_form, never_trained=("七言絕句",), system=True),
+    Task("acrostic", ACROSTIC_PHRASINGS, ACROSTIC_HELD_OUT, make_acrostic, has_heads),
     Task("continuation", ("接著寫完這首詩", "續寫下面的詩句", "這是一首詩的開頭，請寫完", "請接下去寫",
           "下面是詩的前兩句，寫出其餘的句子", "續完這首詩", "這首詩只寫了開頭，請接著寫", "以下是起句，請寫完全詩"),
          ("把這首詩補完整", "後面該怎麼寫？請續完"), make_continuation, continues, poem_answer=False),
@@ -208,13 +246,7 @@ TASKS = (
           "再作一首，要{length}", "還是這個題目，這回用{length}", "能不能寫一首{length}的"),
          ("同一個題目，寫成{length}", "請再作一首，用{length}"), make_followup, has_line_length, never_trained=(7,),
          two_turns=True),
-    Task("rhyme", ("寫一首詩，押{rhyme}韻", "以{rhyme}字為韻寫一首詩", "用{rhyme}的韻寫詩，題目如下", "請寫一首押{rhyme}韻的詩",
-          "韻用{rhyme}，題目見下，作詩一首", "按題目寫詩，用{rhyme}字的韻", "這首詩要押{rhyme}字韻", "以下題目，押{rhyme}韻作詩",
-          "{rhyme}字韻，請依題作詩", "寫詩一首，用{rhyme}字所在的韻", "押韻要求：{rhyme}韻。題目如下", "韻部取{rhyme}字，寫一首詩",
-          "請以{rhyme}韻作詩", "這次押{rhyme}韻，寫一首", "依{rhyme}字的韻寫一首詩", "每句句末押{rhyme}字的韻",
-          "題目在下，韻是{rhyme}", "用{rhyme}韻，按題寫詩", "{rhyme}韻一首，題目見下", "寫首押{rhyme}韻的詩",
-          "選{rhyme}字的韻寫詩", "以{rhyme}字押韻，寫一首詩", "押{rhyme}字韻，題目如下，請寫", "請依{rhyme}韻寫一首詩"),
-         ("作詩一首，韻腳用{rhyme}", "請寫詩，要和{rhyme}字同韻"), make_rhyme, rhymes_with),
+    Task("rhyme", RHYME_PHRASINGS, RHYME_HELD_OUT, make_rhyme, rhymes_with),
 )
 BY_NAME = {t.name: t for t in TASKS}
 
@@ -319,11 +351,11 @@ def score_written(written, exs, task, never_stops=False):
 
 
 def phrasing_of(task, instruction):
-    """The phrasing of task (trained or held-out) that an example's instruction was written from, or None."""
-    for phrasing in task.phrasings + task.held_out:
-        if re.fullmatch("(.+?)".join(map(re.escape, re.split(r"\{\w+\}", phrasing))), instruction):
-            return phrasing
-    return None
+    """The phrasing of task (trained or held-out) that an example's instruction was written from, or None. Where
+    several fit (押{rhyme}韻 also fits 押州字的韻), the longest: the one that leaves the least to its fields."""
+    fits = [p for p in task.phrasings + task.held_out
+            if re.fullmatch("(.+?)".join(map(re.escape, re.split(r"\{\w+\}", p))), instruction)]
+    return max(fits, key=len, default=None)
 
 
 def by_phrasing(written, exs, task):
@@ -334,6 +366,17 @@ def by_phrasing(written, exs, task):
         score = head_hits(answer, ex.want) / len(ex.want) if task.name == "acrostic" else float(task.check(answer, ex))
         scored[phrasing_of(task, ex.instruction)].append(score)
     return {p: (len(v), sum(v) / len(v)) for p, v in scored.items()}
+
+
+def phrasing_lines(rates, most=12):
+    """Lines of by_phrasing's {phrasing: (examples, share)}, best first; more than `most` phrasings (the composed ones
+    have a few examples each) are summed up in one line."""
+    if len(rates) <= most:
+        return [f"{share:6.1%} of {n:4d}  {p}" for p, (n, share) in sorted(rates.items(), key=lambda kv: -kv[1][1])]
+    n = sum(k for k, _ in rates.values())
+    share = sum(k * s for k, s in rates.values()) / n
+    few = min(k for k, _ in rates.values()), max(k for k, _ in rates.values())
+    return [f"{share:6.1%} of {n:4d}  over {len(rates)} phrasings, {few[0]}-{few[1]} examples each"]
 
 
 def format_task_table(columns, note=""):
@@ -441,8 +484,8 @@ def main(argv=None):
     if args.by_phrasing:  # the multi-task model's two columns; the clauses with their head for the acrostic
         for kind, (_, by_task) in zip(("trained", "held-out"), columns[len(models):len(models) + 2]):
             for name, rates in by_task.items():
-                for phrasing, (n, share) in sorted(rates["phrasings"].items(), key=lambda kv: -kv[1][1]):
-                    print(f"{name:<16} {kind:<9} {share:6.1%} of {n:4d}  {phrasing}")
+                for line in phrasing_lines(rates["phrasings"]):
+                    print(f"{name:<16} {kind:<9} {line}")
     return columns
 
 

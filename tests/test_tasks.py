@@ -1,5 +1,6 @@
 """The instruction tasks: forms, each checker on hand-made answers, how examples are made and phrased, what is held out."""
 import collections
+import re
 
 import pytest
 
@@ -95,6 +96,30 @@ def test_every_task_has_held_out_phrasings(task):
     assert not set(task.phrasings) & set(task.held_out)
 
 
+def test_compose_pairs_each_request_with_each_ask_in_both_orders():
+    from minigpt.tasks import compose
+    got = compose(("押{rhyme}韻，寫詩",), ("押{rhyme}韻", "韻腳用{rhyme}字"), ("請寫詩，韻腳用{rhyme}",), requests=("寫首詩", "請寫詩"))
+    assert got == ("押{rhyme}韻，寫詩", "寫首詩，押{rhyme}韻", "寫首詩：押{rhyme}韻", "請寫詩，押{rhyme}韻", "請寫詩：押{rhyme}韻",
+                   "押{rhyme}韻，寫首詩", "押{rhyme}韻，請寫詩")  # 韻腳用{rhyme}: named as the held-out wording names it
+    inside = compose((), ("押{rhyme}韻",), ("題目如下，請寫詩：押{rhyme}韻",), requests=("寫首詩", "請寫詩"))
+    assert "請寫詩：押{rhyme}韻" not in inside and "寫首詩：押{rhyme}韻" not in inside  # '：押{' as the held-out one
+    assert inside == ("寫首詩，押{rhyme}韻", "請寫詩，押{rhyme}韻", "押{rhyme}韻，寫首詩", "押{rhyme}韻，請寫詩")
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
+def test_no_trained_phrasing_holds_a_held_out_one(task):
+    for held in task.held_out:
+        assert not [p for p in task.phrasings if held in p or p in held]
+
+
+@pytest.mark.parametrize("name", ["acrostic", "rhyme"])
+def test_the_copying_tasks_never_name_their_characters_as_a_held_out_phrasing_does(name):
+    """The words just before the slot are what a model keys on to find the characters to copy."""
+    for held in BY_NAME[name].held_out:
+        before = re.split(r"\{\w+\}", held)[0][-2:] + "{"
+        assert len(before) == 3 and not [p for p in BY_NAME[name].phrasings if before in p], held
+
+
 @pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
 def test_every_instruction_is_traced_to_its_own_phrasing(task):
     fields = {"form": "五言律詩", "heads": "春眠不覺", "length": "七言", "rhyme": "州"}
@@ -114,6 +139,13 @@ def test_compliance_by_phrasing_on_hand_made_answers():
     assert by_phrasing(written, exs, acrostic) == {acrostic.phrasings[0]: (2, 0.75), acrostic.held_out[0]: (1, 0.0)}
     asked = Example("rhyme", rhyme.held_out[1].format(rhyme="州"), "登樓", "", frozenset("流樓州"))
     assert by_phrasing([(poem, True)], [asked], rhyme) == {rhyme.held_out[1]: (1, 1.0)}
+
+
+def test_phrasing_lines_sum_up_many_phrasings():
+    from minigpt.tasks import phrasing_lines
+    assert phrasing_lines({"甲{x}": (3, 1 / 3), "乙{x}": (1, 1.0)}) == ["100.0% of    1  乙{x}", " 33.3% of    3  甲{x}"]
+    many = {f"{i}{{x}}": (2 if i else 4, 0.5 if i else 1.0) for i in range(13)}  # 12 x 2 at 50%, 1 x 4 at 100%
+    assert phrasing_lines(many) == [" 57.1% of   28  over 13 phrasings, 2-4 examples each"]
 
 
 def test_the_first_poem_phrasing_is_the_single_task_instruction():
