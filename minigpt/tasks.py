@@ -176,10 +176,11 @@ def make_followup(title, body, groups, partner):
 
 
 
-# The acrostic and the rhyme carry characters the answer must use. A model trained on a few wordings learns where those
-# characters sit in each wording it saw, and on a new wording copies whatever sits there (measured: on
-# 每句第一個字分別用{heads} the clauses start with 第, 分, 別). So besides the hand-written phrasings, each is also every
-# pairing of a request with a way to name the characters, in both orders: the characters have no fixed place.
+# The rhyme carries a character the answer must use. A model trained on a few wordings learns where that character
+# sits in each wording it saw, and on a new wording takes whatever sits there (measured: on 請寫詩，要和{rhyme}字同韻 it
+# rhymes with 和). So besides its hand-written phrasings, the rhyme is also asked by every pairing of a request with a
+# way to name the character, in both orders: the character has no fixed place. (Composed the same way, the acrostic
+# learnt slower in the full mix and found its heads in new wordings no better: measured, README.)
 REQUESTS = ("寫一首詩", "請寫一首詩", "賦詩一首", "寫首詩", "請依題作詩", "按題目寫詩", "來一首詩", "題目如下，請寫詩",
             "作一首詩", "請賦一首")
 
@@ -196,19 +197,14 @@ def compose(hand_written, asks, held_out, requests=REQUESTS):
 
 
 ACROSTIC_HELD_OUT = ("每句第一個字分別用{heads}，寫一首詩", "作詩一首，句首藏{heads}")
-ACROSTIC_PHRASINGS = compose((
+ACROSTIC_PHRASINGS = (
     "寫一首藏頭詩，每句開頭依次是{heads}", "以{heads}為每句的第一個字寫一首詩", "藏頭詩，句首用字：{heads}",
     "請作藏頭詩，藏{heads}", "每一句的開頭依次用{heads}", "句首的字是{heads}，請寫詩", "把{heads}藏在各句開頭，寫一首詩",
     "寫詩，各句首字為{heads}", "{heads}，這幾個字依次放在每句開頭，寫一首詩", "請寫一首詩，讓每句的頭一個字連起來是{heads}",
     "藏頭：{heads}。請依題作詩", "依次以{heads}開頭，每句一字，作詩", "寫一首詩，句句開頭的字連讀為{heads}",
     "各句起首之字：{heads}，請作詩", "詩中每句首字依序為{heads}", "用{heads}作藏頭，寫一首詩", "給你幾個字：{heads}，都藏在句首",
     "每句以一個字開頭，依次是{heads}，請寫", "寫首藏頭詩，藏的是{heads}", "按{heads}的順序，作每一句的第一字",
-    "請以藏頭的方式寫詩，句首是{heads}", "把這些字放在句首：{heads}", "{heads}：以此為各句首字寫詩", "一句一字，句首依次用{heads}寫詩"),
-    ("每句開頭依次是{heads}", "各句的第一字依次為{heads}", "句首的字依次是{heads}", "藏頭用{heads}", "把{heads}藏在句首",
-     "以{heads}為各句首字", "{heads}依次放在每句開頭", "首字依序是{heads}", "開頭的字連起來是{heads}", "藏頭的字是{heads}",
-     "{heads}這幾個字作句首", "每句的頭一個字按次序是{heads}", "頭字：{heads}", "句首字為{heads}", "要把{heads}依次藏在每句之首",
-     "各句起頭用{heads}"),
-    ACROSTIC_HELD_OUT)
+    "請以藏頭的方式寫詩，句首是{heads}", "把這些字放在句首：{heads}", "{heads}：以此為各句首字寫詩", "一句一字，句首依次用{heads}寫詩")
 
 RHYME_HELD_OUT = ("作詩一首，韻腳用{rhyme}", "請寫詩，要和{rhyme}字同韻")
 RHYME_PHRASINGS = compose((
