@@ -364,7 +364,7 @@ def by_phrasing(written, exs, task):
     return {p: (len(v), sum(v) / len(v)) for p, v in scored.items()}
 
 
-def phrasing_lines(rates, most=12):
+def phrasing_lines(rates, most=30):
     """Lines of by_phrasing's {phrasing: (examples, share)}, best first; more than `most` phrasings (the composed ones
     have a few examples each) are summed up in one line."""
     if len(rates) <= most:

@@ -144,8 +144,9 @@ def test_compliance_by_phrasing_on_hand_made_answers():
 def test_phrasing_lines_sum_up_many_phrasings():
     from minigpt.tasks import phrasing_lines
     assert phrasing_lines({"甲{x}": (3, 1 / 3), "乙{x}": (1, 1.0)}) == ["100.0% of    1  乙{x}", " 33.3% of    3  甲{x}"]
-    many = {f"{i}{{x}}": (2 if i else 4, 0.5 if i else 1.0) for i in range(13)}  # 12 x 2 at 50%, 1 x 4 at 100%
-    assert phrasing_lines(many) == [" 57.1% of   28  over 13 phrasings, 2-4 examples each"]
+    many = {f"{i}{{x}}": (2 if i else 4, 0.5 if i else 1.0) for i in range(31)}  # 30 x 2 at 50%, 1 x 4 at 100%
+    assert phrasing_lines(many) == [" 53.1% of   64  over 31 phrasings, 2-4 examples each"]
+    assert len(phrasing_lines(dict(list(many.items())[:30]))) == 30
 
 
 def test_the_first_poem_phrasing_is_the_single_task_instruction():
