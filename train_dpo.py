@@ -18,8 +18,8 @@ import torch
 from minigpt import cli
 from minigpt.checkpoint import CheckpointError, load_checkpoint
 from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, SFTData, load_poems, split_poems
-from minigpt.dpo import (PREFERENCES, dpo_loss, dpo_prompts, fill_reference, load_pairs, make_pairs, margin_parts,
-                         margin_shares, mark_endings, pair_batch, preference_metrics, save_pairs)
+from minigpt.dpo import (PREFERENCES, TRAIN_PAIRS_CHECKED, dpo_loss, dpo_prompts, fill_reference, load_pairs, make_pairs,
+                         margin_parts, margin_shares, mark_endings, pair_batch, preference_metrics, save_pairs)
 from minigpt.evaluate import (Yardstick, eval_set, format_table, loss_batches, measure, reference, table_note, val_sample,
                               write_answers)
 from minigpt.model import GPT
@@ -170,7 +170,8 @@ def main(argv=None):
     columns = [("real poems", reference(yard, test_set))] + [
         (name, measure(m, tokenizer, test_set.titles, yard, poem_fmt, val, args.max_new_tokens))
         for name, m in ((f"{start} (reference)", ref), (f"DPO ({prefer.name})", model.to(device)))]
-    checked = ((f"{len(val_pairs)} held-out val pairs", val_pairs), (f"{min(len(pairs), 400)} training pairs", pairs[:400]))
+    first = pairs[:TRAIN_PAIRS_CHECKED]
+    checked = ((f"{len(val_pairs)} held-out val pairs", val_pairs), (f"{len(first)} training pairs", first))
     shares = [(name, margin_shares(margin_parts(model, ref, ps, tokenizer, fmt))) for name, ps in checked]
     table = format_table(columns, table_note(test_set, yard, splits) + f" Pairs: {len(pairs)} from {counts['prompts']} "
                          f"train prompts; preference accuracy on {len(val_pairs)} held-out val pairs "

@@ -237,6 +237,8 @@ def preference_metrics(model, batches, beta):
 
 # ---- where a margin comes from: the rhyme learnt, or the pairs remembered ----
 
+TRAIN_PAIRS_CHECKED = 400  # the training pairs whose margins are split (the first ones): enough for a share
+
 def ending_places(answer):
     """Where in the answer the characters that the rhyme checker reads are: each line's last before its punctuation."""
     places, start = [], 0
@@ -321,7 +323,8 @@ def main(argv=None):
     from minigpt.tasks import CHAT
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("run", help="a train_dpo.py run folder (its ckpt.pt, pairs.json and val_pairs.json)")
-    p.add_argument("--train-pairs", type=int, default=400, help="training pairs to look at (the first ones)")
+    p.add_argument("--train-pairs", type=int, default=TRAIN_PAIRS_CHECKED,
+                   help="training pairs to look at (the first ones)")
     args = p.parse_args(argv)
     if args.train_pairs <= 0:
         p.error(f"--train-pairs must be positive, got {args.train_pairs}")

@@ -175,7 +175,6 @@ def make_followup(title, body, groups, partner):
     return {"length": "五言" if length == 5 else "七言"}, title, partner, length, body
 
 
-
 # The rhyme carries a character the answer must use. A model trained on a few wordings learns where that character
 # sits in each wording it saw, and on a new wording takes whatever sits there (measured: on 請寫詩，要和{rhyme}字同韻 it
 # rhymes with 和). So besides its hand-written phrasings, the rhyme is also asked by every pairing of a request with a
