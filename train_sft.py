@@ -54,7 +54,7 @@ def main(argv=None):
     parser.add_argument("--task-examples", type=int, help="val examples per task measured at every eval (tasks other than poem)")
     parser.add_argument("--format", choices=["ins", "chat"], default="ins",
                         help="ins: <INS>instruction<INP>input<RES>answer<END>; chat: <SYS>system<EOT><USR>user<EOT><AST>answer<EOT>, "
-                             "the role markers four new ids (the embedding grows by four rows)")
+                             "the role markers and the quote marks 「」 six new ids (the embedding grows by six rows)")
     args = parser.parse_args(argv)
     _, cfg, device, extra = cli.resolve(args, PRESETS)
     tasks = cli.parse_or_usage(parse_tasks, args.tasks)

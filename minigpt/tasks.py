@@ -61,16 +61,19 @@ class Task:
     system: bool = False  # in the chat format the instruction is a standing system message, the input the user's turn
     poem_answer: bool = True  # the answer is one whole poem (so a preference on poems, such as rhyme, applies)
     two_turns: bool = False  # chat only: a first exchange, then this instruction as the user's follow-up
+    quoted: tuple = field(default=())  # fields set in quote marks 「」 where the vocabulary has them (the chat format)
 
-    def example(self, title, body, rhyme_groups, k, held_out=False, partner=""):
+    def example(self, title, body, rhyme_groups, k, held_out=False, partner="", quote=False):
         """The example this poem gives, phrased by the k-th phrasing (cycling) of the trained or held-out list.
-        partner: another poem of the split, which a two-turn task answers the follow-up with."""
+        partner: another poem of the split, which a two-turn task answers the follow-up with. quote: set the quoted
+        fields in 「」."""
         made = self.make(clean_title(title), body, rhyme_groups, partner) if self.two_turns else \
             self.make(clean_title(title), body, rhyme_groups)
         if made is None:
             return None
         fields, input_text, answer, want, *earlier = made
         phrasings = self.held_out if held_out else self.phrasings
+        fields = {k: f"「{v}」" if quote and k in self.quoted else v for k, v in fields.items()}
         return Example(self.name, phrasings[k % len(phrasings)].format(**fields), input_text, answer, want, *earlier)
 
 
@@ -179,7 +182,8 @@ def make_followup(title, body, groups, partner):
 # sits in each wording it saw, and on a new wording takes whatever sits there (measured: on 請寫詩，要和{rhyme}字同韻 it
 # rhymes with 和). So besides its hand-written phrasings, the rhyme is also asked by every pairing of a request with a
 # way to name the character, in both orders: the character has no fixed place. (Composed the same way, the acrostic
-# learnt slower in the full mix and found its heads in new wordings no better: measured, README.)
+# learnt slower in the full mix and found its heads in new wordings no better: measured, README. What worked for the
+# acrostic is quoting its heads, 「春夏秋冬」, in the chat format, whose vocabulary has the quote marks.)
 REQUESTS = ("寫一首詩", "請寫一首詩", "賦詩一首", "寫首詩", "請依題作詩", "按題目寫詩", "來一首詩", "題目如下，請寫詩",
             "作一首詩", "請賦一首")
 
@@ -229,7 +233,7 @@ TASKS = (
     Task("persona", ("你是一位只寫{form}的詩人", "你只寫{form}", "你是詩人，只作{form}", "你是一位詩人，每首都寫成{form}",
           "無論題目是什麼，你都寫{form}", "你的詩一律是{form}", "身為詩人，你只會作{form}", "你所寫的詩都是{form}"),
          ("你作詩只用{form}", "從今以後，凡有題目皆作{form}"), make_form, has_form, never_trained=("七言絕句",), system=True),
-    Task("acrostic", ACROSTIC_PHRASINGS, ACROSTIC_HELD_OUT, make_acrostic, has_heads),
+    Task("acrostic", ACROSTIC_PHRASINGS, ACROSTIC_HELD_OUT, make_acrostic, has_heads, quoted=("heads",)),
     Task("continuation", ("接著寫完這首詩", "續寫下面的詩句", "這是一首詩的開頭，請寫完", "請接下去寫",
           "下面是詩的前兩句，寫出其餘的句子", "續完這首詩", "這首詩只寫了開頭，請接著寫", "以下是起句，請寫完全詩"),
          ("把這首詩補完整", "後面該怎麼寫？請續完"), make_continuation, continues, poem_answer=False),
@@ -267,7 +271,7 @@ def examples(poems, tasks, rhyme_groups, held_out=False, train=True, fmt=None):
                 continue
             for j in range(16 if task.two_turns else 1):  # the first of 16 partner poems that suits, if any
                 partner = poems[(i * 7919 + 13 * (j + 1)) % len(poems)].body
-                ex = task.example(p.title, p.body, rhyme_groups, i, held_out, partner)
+                ex = task.example(p.title, p.body, rhyme_groups, i, held_out, partner, quote=fmt is CHAT)
                 if ex is not None:
                     break
             if ex is not None and not (train and ex.want in task.never_trained):

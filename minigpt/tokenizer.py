@@ -3,13 +3,16 @@
 Special tokens come first, so their ids never move: <PAD>=0, <UNK>=1, <END>=2, <INS>=3, <INP>=4,
 <RES>=5. Written inside a string ("<INS>"), a special token still encodes to its single id. The chat roles
 (<SYS> system, <USR> user, <AST> assistant, <EOT> end of turn) are appended after the characters by with_roles(),
-so that a pretrained model's ids stay as they are and a chat model grows its embedding by four rows.
+with the quote marks 「」 (which the corpus lacks; a chat prompt quotes characters the answer must use), so that a
+pretrained model's ids stay as they are and a chat model grows its embedding by six rows.
 """
 import re
 import warnings
 
 SPECIAL_TOKENS = ["<PAD>", "<UNK>", "<END>", "<INS>", "<INP>", "<RES>"]
 ROLE_TOKENS = ["<SYS>", "<USR>", "<AST>", "<EOT>"]
+QUOTES = ["「", "」"]
+CHAT_TOKENS = ROLE_TOKENS + QUOTES  # what with_roles() appends
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS + ROLE_TOKENS) + ")")
 
 
@@ -23,14 +26,14 @@ class UnknownCharacterError(ValueError):
 
 class CharTokenizer:
     def __init__(self, chars, roles=False):
-        chars = sorted(set(chars) - set(SPECIAL_TOKENS) - set(ROLE_TOKENS))
-        self.itos = SPECIAL_TOKENS + chars + (ROLE_TOKENS if roles else [])
+        chars = sorted(set(chars) - set(SPECIAL_TOKENS) - set(CHAT_TOKENS))
+        self.itos = SPECIAL_TOKENS + chars + (CHAT_TOKENS if roles else [])
         self.stoi = {s: i for i, s in enumerate(self.itos)}
         self.pad_id, self.unk_id, self.end_id, self.ins_id, self.inp_id, self.res_id = range(len(SPECIAL_TOKENS))
         self.has_roles = roles
 
     def with_roles(self):
-        """The same vocabulary, the four chat role tokens appended: every other id stays."""
+        """The same vocabulary, the four chat role tokens and the quote marks appended: every other id stays."""
         return self if self.has_roles else CharTokenizer(self.itos[len(SPECIAL_TOKENS):], roles=True)
 
     @classmethod
@@ -78,7 +81,7 @@ class CharTokenizer:
     def decode(self, ids, skip_special=False):
         ids = [int(i) for i in ids]
         if skip_special:
-            ids = [i for i in ids if len(SPECIAL_TOKENS) <= i < len(self.itos) - len(ROLE_TOKENS) * self.has_roles]
+            ids = [i for i in ids if i >= len(SPECIAL_TOKENS) and self.itos[i] not in ROLE_TOKENS]
         return "".join(self.itos[i] for i in ids)
 
     def to_list(self):
@@ -89,8 +92,11 @@ class CharTokenizer:
     def from_list(cls, itos):
         if list(itos[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
             raise ValueError("not a minigpt vocabulary: its special tokens differ")
-        roles = list(itos[-len(ROLE_TOKENS):]) == ROLE_TOKENS
-        tok = cls(itos[len(SPECIAL_TOKENS):len(itos) - len(ROLE_TOKENS) * roles], roles=roles)
+        if list(itos[-len(ROLE_TOKENS):]) == ROLE_TOKENS:
+            raise ValueError("a chat vocabulary from before the quote marks 「」 joined it; train the chat model again "
+                             "(python train_sft.py --format chat ...)")
+        roles = list(itos[-len(CHAT_TOKENS):]) == CHAT_TOKENS
+        tok = cls(itos[len(SPECIAL_TOKENS):len(itos) - len(CHAT_TOKENS) * roles], roles=roles)
         if tok.itos != list(itos):
             raise ValueError("not a minigpt vocabulary: characters repeat or are out of order")
         return tok

@@ -106,13 +106,13 @@ def test_early_evals_only_where_one_task_makes_them_cheap(pretrained, tmp_path, 
     assert [r["step"] for r in log if r["kind"] == "eval"] == evals
 
 
-def test_sft_in_the_chat_format_grows_the_vocabulary_by_the_roles(pretrained, tmp_path):
+def test_sft_in_the_chat_format_grows_the_vocabulary_by_the_roles_and_quotes(pretrained, tmp_path):
     out, _ = pretrained
     train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(out), "--out-dir", str(tmp_path),
                     "--device", "cpu", "--tasks", "poem,persona", "--format", "chat", "--max-steps", "6"])
     base, chat = (torch.load(d / "ckpt.pt", weights_only=True) for d in (out, tmp_path))
-    assert chat["tokenizer"] == base["tokenizer"] + ["<SYS>", "<USR>", "<AST>", "<EOT>"]
-    assert chat["model_config"]["vocab_size"] == base["model_config"]["vocab_size"] + 4 and chat["format"] == "chat"
+    assert chat["tokenizer"] == base["tokenizer"] + ["<SYS>", "<USR>", "<AST>", "<EOT>", "「", "」"]
+    assert chat["model_config"]["vocab_size"] == base["model_config"]["vocab_size"] + 6 and chat["format"] == "chat"
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl", encoding="utf-8")]
     prompts = [s["prompt"] for s in [r for r in log if r["kind"] == "sample"][-1]["samples"]]
     assert prompts[0].startswith("<USR>") and prompts[1].startswith("<SYS>") and prompts[1].endswith("<EOT><AST>")

@@ -259,6 +259,18 @@ def test_the_chat_format_puts_a_standing_constraint_in_the_system_turn():
     assert BY_NAME["persona"].check(WUJUE, persona) and not BY_NAME["persona"].check(WULU, persona)
 
 
+def test_the_chat_format_quotes_the_heads_to_copy_and_the_checker_reads_them_unquoted(tokenizer):
+    from minigpt.tasks import CHAT, TaskData
+    poems = [Poem("登鸛雀樓", "", tuple(WUJUE.split("\n")))]
+    chat, plain = (examples(poems, [BY_NAME["acrostic"]], GROUPS, fmt=f)[0] for f in (CHAT, None))
+    assert "「白黃欲更」" in chat.instruction and "「" not in plain.instruction and "白黃欲更" in plain.instruction
+    assert chat.want == plain.want == "白黃欲更" and BY_NAME["acrostic"].check(WUJUE, chat)
+    assert phrasing_of(BY_NAME["acrostic"], chat.instruction) == BY_NAME["acrostic"].phrasings[0]
+    chat_tok = tokenizer.with_roles()  # 「」 are in the chat vocabulary: the example is kept, each mark one id
+    data = TaskData(poems, chat_tok, 128, [BY_NAME["acrostic"]], GROUPS, CHAT)
+    assert data.counts["acrostic"] == 1 and chat_tok.stoi["「"] in data.examples[0][0]
+
+
 def test_a_follow_up_changes_the_line_length_in_a_second_turn():
     from minigpt.tasks import CHAT, prompt_text
     poems = [Poem(title, "", tuple(body.split("\n"))) for title, body in [("早發白帝城", QIJUE), ("登鸛雀樓", WUJUE)]]

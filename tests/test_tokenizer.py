@@ -51,14 +51,18 @@ def test_vocabulary_survives_a_list_round_trip(tokenizer):
         CharTokenizer.from_list(["a", "b"])
 
 
-def test_chat_roles_are_appended_single_ids_and_every_other_id_stays(tokenizer):
-    from minigpt.tokenizer import ROLE_TOKENS, CharTokenizer
+def test_chat_roles_and_quotes_are_appended_single_ids_and_every_other_id_stays(tokenizer):
+    from minigpt.tokenizer import CharTokenizer
     chat = tokenizer.with_roles()
-    assert chat.itos[:tokenizer.vocab_size] == tokenizer.itos and chat.itos[tokenizer.vocab_size:] == ROLE_TOKENS
+    assert chat.itos[:tokenizer.vocab_size] == tokenizer.itos
+    assert chat.itos[tokenizer.vocab_size:] == ["<SYS>", "<USR>", "<AST>", "<EOT>", "「", "」"]
+    assert chat.decode(chat.encode("<USR>「春」<EOT>"), skip_special=True) == "「春」"  # quotes are text, markers are not
     ids = chat.encode("<SYS>春<EOT><USR>秋<EOT><AST>")
     assert len(ids) == 7 and chat.decode(ids) == "<SYS>春<EOT><USR>秋<EOT><AST>" and chat.stoi["<EOT>"] == ids[2]
     assert chat.decode(ids, skip_special=True) == "春秋"
     assert CharTokenizer.from_list(chat.to_list()).itos == chat.itos and chat.with_roles() is chat
+    with pytest.raises(ValueError, match="quote marks"):  # a chat vocabulary made before the quotes joined it
+        CharTokenizer.from_list(chat.to_list()[:-2])
     assert tokenizer.unknown_chars("<SYS>春") == ["<SYS>"]  # a vocabulary without roles names the marker it lacks
     with pytest.raises(UnknownCharacterError, match="<SYS>"):
         tokenizer.encode("<SYS>春")
