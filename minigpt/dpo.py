@@ -239,14 +239,18 @@ def preference_metrics(model, batches, beta):
 
 TRAIN_PAIRS_CHECKED = 400  # the training pairs whose margins are split (the first ones): enough for a share
 
-def ending_places(answer):
-    """Where in the answer the characters that the rhyme checker reads are: each line's last before its punctuation."""
-    places, start = [], 0
-    for line in answer.split("\n"):
-        body = line.rstrip(LINE_PUNCTUATION)
-        if body:
-            places.append(start + len(body) - 1)
-        start += len(line) + 1
+def ending_places(pieces):
+    """Where in the answer the characters that the rhyme checker reads are: each line's last before its punctuation.
+    pieces: the answer as a string, or as its tokens (a marker the model wrote inside an answer, <AST>, is one)."""
+    places, line = [], []
+    for i, piece in enumerate(list(pieces) + ["\n"]):
+        if piece != "\n":
+            line.append(i)
+            continue
+        while line and pieces[line[-1]] in tuple(LINE_PUNCTUATION):
+            line.pop()
+        places += line[-1:]
+        line = []
     return places
 
 
@@ -269,7 +273,8 @@ def margin_parts(model, reference, pairs, tokenizer, fmt=TITLE_TO_POEM, batch_si
         parts = []
         for row, answer, target in zip(ratio, answers, y.cpu()):
             on_answer = row[target != IGNORE_INDEX]  # the answer's characters in order, then its end marker
-            at_endings = on_answer[ending_places(answer)].sum().item()
+            tokens = [tokenizer.itos[i] for i in tokenizer.encode(answer, unknown="unk")]
+            at_endings = on_answer[ending_places(tokens)].sum().item()
             parts.append((at_endings, on_answer.sum().item() - at_endings))
         n = len(chunk)
         out += [(c[0] - r[0], c[1] - r[1]) for c, r in zip(parts[:n], parts[n:])]

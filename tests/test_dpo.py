@@ -160,8 +160,9 @@ def test_a_step_on_a_pair_raises_the_chosen_answer(model, chars):
 def test_a_margin_splits_into_the_line_endings_and_the_rest(model, chars):
     assert [RHYMES[i] for i in dpo.ending_places(RHYMES)] == ["流", "樓"]
     assert dpo.ending_places("春眠，\n\n不覺曉。") == [1, 7]  # an empty line holds no ending
+    assert dpo.ending_places(["春", "<AST>", "眠", "，", "\n", "曉", "。"]) == [2, 5]  # tokens: a marker is one
     pairs = [Pair("poem", TITLE_TO_POEM.prompt("登樓"), RHYMES, NO_RHYME, "not rhyme"),
-             Pair("poem", TITLE_TO_POEM.prompt("秋雨"), NO_RHYME, "白日依山盡，黃河", "not rhyme", False)]
+             Pair("poem", TITLE_TO_POEM.prompt("秋雨"), NO_RHYME, "白日依山<INS>盡，黃河", "not rhyme", False)]
     same = dpo.margin_parts(model, model, pairs, chars)
     assert same == [(0.0, 0.0)] * 2 and dpo.margin_shares(same) == {"all": 0.5, "endings": 0.5, "elsewhere": 0.5}
     torch.manual_seed(2)
@@ -175,7 +176,8 @@ def test_a_margin_splits_into_the_line_endings_and_the_rest(model, chars):
         return [(logp[0][t - 1, ids[t]] - logp[1][t - 1, ids[t]]).item() for t in range(n, len(ids))]
 
     def split(prompt, answer):
-        r, at = ratios(prompt, answer), set(dpo.ending_places(answer.replace("<END>", "")))
+        ids = chars.encode(answer.replace("<END>", ""))
+        r, at = ratios(prompt, answer), set(dpo.ending_places([chars.itos[i] for i in ids]))
         return sum(v for i, v in enumerate(r) if i in at), sum(v for i, v in enumerate(r) if i not in at)
 
     parts = dpo.margin_parts(policy, model, pairs, chars)
