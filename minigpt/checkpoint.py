@@ -68,6 +68,9 @@ def load_checkpoint(path, device="cpu", made_by="python train_pretrain.py"):
         raise CheckpointError(f"{path} is not a minigpt checkpoint (it lacks {', '.join(k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt)})")
     try:
         tokenizer = CharTokenizer.from_list(ckpt["tokenizer"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its vocabulary is refused ({str(e).splitlines()[0][:160]})") from None
+    try:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:

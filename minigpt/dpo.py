@@ -247,7 +247,7 @@ def ending_places(pieces):
         if piece != "\n":
             line.append(i)
             continue
-        while line and pieces[line[-1]] in tuple(LINE_PUNCTUATION):
+        while line and pieces[line[-1]] in LINE_PUNCTUATION:  # a marker (<AST>) is never inside it
             line.pop()
         places += line[-1:]
         line = []

@@ -169,8 +169,11 @@ def test_untrusted_checkpoints_are_refused_with_one_line(good_checkpoint, tmp_pa
     torch.save({**ckpt, "model_config": {**ckpt["model_config"], "n_embd": 64}}, other_shape)
     other_vocab = tmp_path / "vocab.pt"
     torch.save({**ckpt, "tokenizer": ckpt["tokenizer"][:-1]}, other_vocab)
+    old_chat = tmp_path / "old_chat.pt"  # a chat vocabulary from before the quote marks joined it
+    torch.save({**ckpt, "tokenizer": ckpt["tokenizer"] + ["<SYS>", "<USR>", "<AST>", "<EOT>"]}, old_chat)
     cases = [(pickled, "refused"), (truncated, "not a readable checkpoint"), (text, "not a readable checkpoint"),
              (plain, "not a minigpt checkpoint"), (other_shape, "do not fit"), (other_vocab, "does not match"),
+             (old_chat, "quote marks 「」 joined it; train the chat model again"),
              (tmp_path / "missing.pt", "no checkpoint")]
     for path, reason in cases:
         with pytest.raises(CheckpointError, match=reason) as e:
