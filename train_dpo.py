@@ -6,7 +6,9 @@ training prompt, pair an answer the checkers prefer (it rhymes) with one they do
     python train_dpo.py --init-from runs/dpo --out-dir runs/dpo2    # a second round: fresh pairs from the tuned model
 
 The pairs are sampled once, up front, from the starting model (which is also the frozen reference) and kept in
-pairs.json. Every eval prints the DPO loss, the preference accuracy and the reward margin on held-out pairs (val
+pairs.json. A rhyme pair differs in one line ending: where the model's answer reaches it, the model's own choices
+there give a character that rhymes with the endings before it (chosen) and one that does not (rejected); --pairs whole
+pairs two whole answers instead. Every eval prints the DPO loss, the preference accuracy and the reward margin on held-out pairs (val
 titles), the answer val loss and the behaviour on val titles; test titles appear only in the final table.
 """
 import os
@@ -18,8 +20,8 @@ import torch
 from minigpt import cli
 from minigpt.checkpoint import CheckpointError, load_checkpoint
 from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, SFTData, load_poems, split_poems
-from minigpt.dpo import (PREFERENCES, TRAIN_PAIRS_CHECKED, dpo_loss, dpo_prompts, fill_reference, load_pairs, make_pairs,
-                         margin_parts, margin_shares, mark_endings, pair_batch, preference_metrics, save_pairs)
+from minigpt.dpo import (PREFERENCES, TRAIN_PAIRS_CHECKED, dpo_loss, dpo_prompts, ending_pairs, fill_reference, load_pairs,
+                         make_pairs, margin_parts, margin_shares, mark_endings, pair_batch, preference_metrics, save_pairs)
 from minigpt.evaluate import (Yardstick, eval_set, format_table, loss_batches, measure, reference, table_note, val_sample,
                               write_answers)
 from minigpt.model import GPT
@@ -54,6 +56,10 @@ def main(argv=None):
     parser.add_argument("--hold", choices=["none"] + sorted(PREFERENCES), default="none",
                         help="what the pairs must not work against: an answer that has it is never rejected for one "
                         "that lacks it (e.g. --hold title: rhyme is not paid for in relevance)")
+    parser.add_argument("--pairs", choices=["ending", "whole"], help="ending (the default for --prefer rhyme): one "
+                        "answer per prompt, and at a line ending the model's own rhyming choice against its unrhyming "
+                        "one, the rest shared; whole: several answers per prompt, a passing one against a failing one "
+                        "(the only kind for the other preferences)")
     parser.add_argument("--beta", type=float, help="the implicit reward is beta * (log pi - log ref): the larger, the "
                         "less the policy needs to move to separate a pair")
     parser.add_argument("--sft-weight", type=float, default=1.0, help="weight of the SFT loss on real training poems "
@@ -73,14 +79,18 @@ def main(argv=None):
         if value <= 0:
             raise cli.UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
         setattr(args, name, value)
+    args.pairs = args.pairs or ("ending" if args.prefer == "rhyme" else "whole")
+    if args.pairs == "ending" and args.prefer != "rhyme":
+        raise cli.UsageError(f"--pairs ending pairs rhyming line endings; for --prefer {args.prefer} pass --pairs whole")
     if args.sft_weight < 0 or args.pairs_per_prompt <= 0:
         raise cli.UsageError("--pairs-per-prompt must be positive and --sft-weight not negative")
     resumed = cli.resume_point(args)
     if resumed:  # the run goes on with its own settings and its own pairs
         model, tokenizer, ckpt = resumed
         cfg = TrainConfig(**ckpt["train_config"])
-        for name in ("init_from", "prefer", "hold", "beta", "sft_weight", "eval_titles", "test_titles", "max_new_tokens"):
+        for name in ("init_from", "prefer", "pairs", "hold", "beta", "sft_weight", "eval_titles", "test_titles", "max_new_tokens"):
             setattr(args, name, ckpt.get(name, getattr(args, name)))  # older runs lack hold, test_titles
+        args.pairs = ckpt.get("pairs", "whole")  # runs from before ending pairs made whole ones
         ref, _, ref_ckpt = load_checkpoint(args.init_from, made_by="python train_sft.py")
         print(f"resuming {args.out_dir} at step {ckpt['step']}")
     else:
@@ -106,13 +116,19 @@ def main(argv=None):
         t = time.time()
         prompts = dpo_prompts(splits["train"], tasks, yard.rhyme_groups, fmt)
         random.Random(cfg.seed).shuffle(prompts)  # titles from the whole corpus, not the first poets alone
-        sampling = dict(fmt=fmt, samples=args.samples, per_prompt=args.pairs_per_prompt, max_new_tokens=args.max_new_tokens,
+        sampling = dict(fmt=fmt, per_prompt=args.pairs_per_prompt, max_new_tokens=args.max_new_tokens,
                         hold=None if args.hold == "none" else PREFERENCES[args.hold])
-        pairs, counts = make_pairs(ref, tokenizer, prompts[:args.prompts], yard, prefer, seed=cfg.seed, **sampling)
+        if args.pairs == "ending":  # several pairs of one answer at its several endings, held out alike
+            make = lambda exs, seed, per_prompt: ending_pairs(ref, tokenizer, exs, yard, seed=seed,
+                                                              **dict(sampling, per_prompt=per_prompt))
+        else:  # one pair per held-out prompt: its answers are alike, and would be counted several times
+            make = lambda exs, seed, per_prompt: make_pairs(ref, tokenizer, exs, yard, prefer, samples=args.samples,
+                                                            seed=seed, **dict(sampling, per_prompt=per_prompt))
+        pairs, counts = make(prompts[:args.prompts], cfg.seed, args.pairs_per_prompt)
         val_prompts = dpo_prompts(splits["val"], tasks, yard.rhyme_groups, fmt)
         random.Random(cfg.seed).shuffle(val_prompts)
-        val_pairs, val_counts = make_pairs(ref, tokenizer, val_prompts[:args.val_prompts], yard, prefer,
-                                           seed=cfg.seed + 1, **dict(sampling, per_prompt=1))
+        val_pairs, val_counts = make(val_prompts[:args.val_prompts], cfg.seed + 1,
+                                     args.pairs_per_prompt if args.pairs == "ending" else 1)
         if not pairs or not val_pairs:
             raise cli.UsageError(f"no pair: among {counts['samples']} answers none was {prefer.name} and passed the gates "
                                  "(or none failed); sample more with --prompts and --samples")
@@ -133,7 +149,7 @@ def main(argv=None):
     val_set = eval_set(splits["val"], splits["train"], args.eval_titles)
     held = "" if args.hold == "none" else f"; never against: {args.hold}"
     print(f"from {args.init_from} (step {ref_ckpt['step']}): {len(pairs)} pairs, {len(val_pairs)} held out; preferred: "
-          f"{prefer.what}{held}; beta {args.beta}, SFT weight {args.sft_weight}; writing to {args.out_dir}")
+          f"{prefer.what}{held}; {args.pairs} pairs; beta {args.beta}, SFT weight {args.sft_weight}; writing to {args.out_dir}")
 
     def sample(m, step):
         answers = write_answers(m, tokenizer, DEMO_TITLES, poem_fmt, max_new_tokens=args.max_new_tokens)
@@ -146,7 +162,7 @@ def main(argv=None):
         return {**out, **preference_metrics(m, val_batches, args.beta)}
 
     extra_ckpt = {"stage": "dpo", "model_config": model.config.__dict__.copy(), "tokenizer": tokenizer.to_list(),
-                  "init_from": os.path.abspath(args.init_from), "prefer": args.prefer, "hold": args.hold, "beta": args.beta,
+                  "init_from": os.path.abspath(args.init_from), "prefer": args.prefer, "pairs": args.pairs, "hold": args.hold, "beta": args.beta,
                   "sft_weight": args.sft_weight, "eval_titles": args.eval_titles, "test_titles": args.test_titles,
                   "max_new_tokens": args.max_new_tokens,
                   "tasks": ref_ckpt.get("tasks", "poem"), "format": ref_ckpt.get("format", "ins")}

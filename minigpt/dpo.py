@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from minigpt.checkpoint import replace_durably
 from minigpt.data import MEANINGLESS_TITLES, REGULAR_LINE, TITLE_TO_POEM, clauses, clean_title, is_regular, render, sft_batch
-from minigpt.evaluate import LINE_PUNCTUATION, complete, first_poem, line_endings, mentions_title, repeats_clause, rhymes
+from minigpt.evaluate import (LINE_PUNCTUATION, SAMPLING, complete, first_poem, line_endings, mentions_title, repeats_clause,
+                              rhymes)
 from minigpt.model import IGNORE_INDEX
 from minigpt.tasks import BY_NAME, Example, examples, prompt_text
 
@@ -33,9 +34,10 @@ class Preference:
     what: str
 
 
+RHYME = Preference("rhyme", lambda answer, ex, yard: rhymes(answer, yard.rhyme_groups),
+                   "its line endings are different characters of one rhyme group")
 PREFERENCES = {p.name: p for p in (
-    Preference("rhyme", lambda answer, ex, yard: rhymes(answer, yard.rhyme_groups),
-               "its line endings are different characters of one rhyme group"),
+    RHYME,
     Preference("title", lambda answer, ex, yard: mentions_title(ex.input, answer),
                "it holds a content character of its title"),
     Preference("rhyme+title", lambda answer, ex, yard: rhymes(answer, yard.rhyme_groups) and mentions_title(ex.input, answer),
@@ -144,6 +146,65 @@ def pair_up(exs, prompts, written, yard, prefer, fits=lambda text: True, per_pro
             bad.remove(rejected)
             pairs.append(Pair(ex.task, prompt, chosen, rejected, judged[rejected], stops[rejected]))
         counts["prompts_with_a_pair"] += len(pairs) > before
+    counts["pairs"] = len(pairs)
+    return pairs, dict(counts)
+
+
+@torch.no_grad()
+def ending_pairs(model, tokenizer, exs, yard, fmt=TITLE_TO_POEM, per_prompt=4, max_new_tokens=128, seed=0, batch_size=512,
+                 hold=None, temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"]):
+    """Rhyme pairs that differ in one line ending, where the rhyme is decided. The model writes one answer per prompt;
+    in one that passes the gates, at each line ending after the first whose earlier endings rhyme, the model's own
+    next-character choices there (its top_k, as in sampling) give two characters, drawn by its probabilities: one of
+    the earlier endings' rhyme group, not used yet, and one outside it. The rest of the answer is kept on both sides,
+    so a pair's log-ratios differ at that character and barely after it. The one with the rhyming character is chosen
+    when it passes the checkers whole (gates and rhyme: its later endings rhyme too), against the other, which fails
+    the rhyme alone. hold: as in pair_up.
+    Returns (pairs, counts)."""
+    prompts = [prompt_text(ex, fmt) for ex in exs]
+    written = complete(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, stop=fmt.end, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    groups, device, room = yard.rhyme_groups, model.tok_emb.weight.device, model.config.block_size + 1
+    was_training = model.training
+    model.eval()
+    pairs, counts = [], collections.Counter(prompts=len(exs), samples=len(exs))
+    for ex, prompt, (answer, stopped) in zip(exs, prompts, written):
+        prompt_ids, ids = tokenizer.encode(prompt, unknown="unk"), tokenizer.encode(answer, unknown="unk")
+        why = gate(answer, stopped, ex, yard) or ("too long for the context" if len(prompt_ids) + len(ids) + 1 > room
+                                                   else "")  # a pair is scored on whole sequences only
+        if why:
+            counts[why] += 1
+            continue
+        tokens = [tokenizer.itos[i] for i in ids]
+        places = ending_places(tokens)
+        ends = [tokens[p] for p in places]
+        logits, _ = model(torch.tensor([prompt_ids + ids], device=device))
+        before = len(pairs)
+        for k in range(1, len(places)):
+            if len(pairs) - before == per_prompt or not rhymes("\n".join(ends[:k]), groups) and k > 1:
+                break  # the endings so far no longer rhyme: no ending after them can keep a rhyme
+            group = groups.get(ends[0])
+            top = torch.topk(logits[0, len(prompt_ids) + places[k] - 1].float() / temperature, top_k)
+            options = [(tokenizer.itos[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())
+                       if len(tokenizer.itos[i]) == 1 and tokenizer.itos[i] not in LINE_PUNCTUATION + "\n"
+                       and tokenizer.itos[i] not in ends[:k]]
+            sides = [[o for o in options if group is not None and groups.get(o[0]) == group],
+                     [o for o in options if group is None or groups.get(o[0]) != group]]
+            if not all(sides):
+                counts["no rhyming and unrhyming choice"] += 1
+                continue
+            picks = [side[torch.multinomial(torch.softmax(torch.tensor([v for _, v in side]), 0), 1,
+                                            generator=gen).item()][0] for side in sides]
+            chosen, rejected = ("".join(tokens[:places[k]]) + c + "".join(tokens[places[k] + 1:]) for c in picks)
+            if judge(chosen, True, ex, yard, RHYME):  # a later ending breaks the rhyme, or a gate fails after the change
+                counts["chosen not a passing answer"] += 1
+                continue
+            if gate(rejected, True, ex, yard) or hold and hold.passes(rejected, ex, yard) and not hold.passes(chosen, ex, yard):
+                counts["rejected fails more than the rhyme"] += 1
+                continue
+            pairs.append(Pair(ex.task, prompt, chosen, rejected, f"not rhyme (line {k + 1})"))
+        counts["prompts_with_a_pair"] += len(pairs) > before
+    model.train(was_training)
     counts["pairs"] = len(pairs)
     return pairs, dict(counts)
 
