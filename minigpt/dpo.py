@@ -178,18 +178,21 @@ def ending_pairs(model, tokenizer, exs, yard, fmt=TITLE_TO_POEM, per_prompt=4, m
         tokens = [tokenizer.itos[i] for i in ids]
         places = ending_places(tokens)
         ends = [tokens[p] for p in places]
+        group = groups.get(ends[0]) if ends else None
+        if group is None:
+            counts["first ending in no rhyme group"] += 1
+            continue
         logits, _ = model(torch.tensor([prompt_ids + ids], device=device))
         before = len(pairs)
         for k in range(1, len(places)):
-            if len(pairs) - before == per_prompt or not rhymes("\n".join(ends[:k]), groups) and k > 1:
-                break  # the endings so far no longer rhyme: no ending after them can keep a rhyme
-            group = groups.get(ends[0])
-            top = torch.topk(logits[0, len(prompt_ids) + places[k] - 1].float() / temperature, top_k)
+            if len(pairs) - before == per_prompt or k > 1 and not rhymes("\n".join(ends[:k]), groups):
+                break  # enough, or the endings so far no longer rhyme: no ending after them can keep a rhyme
+            top = torch.topk(logits[0, len(prompt_ids) + places[k] - 1].float() / temperature,
+                             min(top_k, logits.size(-1)))
             options = [(tokenizer.itos[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())
                        if len(tokenizer.itos[i]) == 1 and tokenizer.itos[i] not in LINE_PUNCTUATION + "\n"
-                       and tokenizer.itos[i] not in ends[:k]]
-            sides = [[o for o in options if group is not None and groups.get(o[0]) == group],
-                     [o for o in options if group is None or groups.get(o[0]) != group]]
+                       and tokenizer.itos[i] not in ends[:k] + ends[k + 1:]]  # the endings stay distinct
+            sides = [[o for o in options if groups.get(o[0]) == group], [o for o in options if groups.get(o[0]) != group]]
             if not all(sides):
                 counts["no rhyming and unrhyming choice"] += 1
                 continue

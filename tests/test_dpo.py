@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from minigpt import dpo
 from minigpt.data import TITLE_TO_POEM, render, sft_batch
-from minigpt.dpo import (PREFERENCES, Pair, dpo_loss, fill_reference, gate, judge, make_pairs, mark_endings, pair_batch, pair_up,
-                         preference_metrics)
+from minigpt.dpo import (PREFERENCES, Pair, dpo_loss, ending_pairs, fill_reference, gate, judge, make_pairs, mark_endings,
+                         pair_batch, pair_up, preference_metrics)
 from minigpt.model import GPT, IGNORE_INDEX, GPTConfig
 from minigpt.tasks import Example
 from minigpt.tokenizer import CharTokenizer
@@ -76,6 +76,40 @@ def test_the_samples_of_a_prompt_share_its_first_couplet(monkeypatch, model, cha
     pairs, _ = make_pairs(model, chars, [POEM], YARD, PREFERENCES["rhyme"], samples=2, per_prompt=1)
     assert asked[1] == [TITLE_TO_POEM.prompt("登樓") + first + "\n"] * 2
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [(TITLE_TO_POEM.prompt("登樓"), RHYMES, first + "\n欲窮千里目，更上一層深。")]
+
+
+LUSHI = RHYMES + "\n春來花滿地，秋去雨連秋。\n遠望青山外，孤雲自在舟。"  # endings 流 樓 秋 舟: one group
+
+
+def test_ending_pairs_differ_at_one_line_ending_and_follow_the_checker(monkeypatch):
+    yard = SimpleNamespace(rhyme_groups={"流": "流", "樓": "流", "秋": "流", "舟": "流", "深": "深"}, train_clauses=set())
+    broken = RHYMES.replace("樓", "深")  # the model broke the rhyme at its last ending
+    written = [(RHYMES, True), (broken, True), ("亂寫", True), (RHYMES, False), (LUSHI, True)]
+    chars = CharTokenizer(LUSHI + broken + "亂寫" + TITLE_TO_POEM.instruction + "登樓")
+    model = GPT(GPTConfig(vocab_size=chars.vocab_size, block_size=128, n_layer=1, n_head=1, n_embd=16))
+    monkeypatch.setattr(dpo, "complete", lambda m, tok, prompts, *a, **k: written[:len(prompts)])
+    pairs, counts = ending_pairs(model, chars, [POEM] * len(written), yard, per_prompt=2, top_k=1000)
+    rhyming = yard.rhyme_groups.keys() - {"深"}
+    assert counts["not what the task asks"] == 1 and counts["no end marker"] == 1  # gates first: no pair from those
+    for p in pairs:
+        assert judge(p.chosen, True, POEM, yard, PREFERENCES["rhyme"]) == ""
+        assert judge(p.rejected, True, POEM, yard, PREFERENCES["rhyme"]) == "not rhyme"
+        differ = [i for i, (a, b) in enumerate(zip(p.chosen, p.rejected)) if a != b]
+        assert len(p.chosen) == len(p.rejected) and len(differ) == 1 and differ[0] in dpo.ending_places(p.chosen)
+        assert p.chosen[differ[0]] in rhyming and p.rejected[differ[0]] not in rhyming
+    # each 絕句 gives its one pair at line 2, the rest of what the model wrote kept on both sides
+    for p, source in zip(pairs, (RHYMES, broken)):
+        i = len(source) - 2  # its last ending, before 。
+        assert p.why_rejected == "not rhyme (line 2)"
+        assert all(side[:i] + side[i + 1:] == source[:i] + source[i + 1:] for side in (p.chosen, p.rejected))
+    # the 律詩 stops at per_prompt pairs, at lines 2 and 3; its chosen is as written (the only distinct choice)
+    assert [(p.chosen, p.why_rejected) for p in pairs[2:]] == [(LUSHI, "not rhyme (line 2)"), (LUSHI, "not rhyme (line 3)")]
+    assert counts["pairs"] == len(pairs) == 4 and counts["prompts_with_a_pair"] == 3
+    # an answer whose first two endings do not rhyme gives nothing after them
+    lost = LUSHI.replace("樓", "深")
+    monkeypatch.setattr(dpo, "complete", lambda m, tok, prompts, *a, **k: [(lost, True)])
+    pairs, _ = ending_pairs(model, chars, [POEM], yard, per_prompt=3, top_k=1000)
+    assert [p.chosen for p in pairs] == [LUSHI]  # line 2 mended to 樓 (秋 and 舟 are taken); none at lines 3 and 4
 
 
 def test_the_nearest_miss_is_rejected_and_never_one_of_another_length():

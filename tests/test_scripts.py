@@ -188,7 +188,8 @@ DPO = ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--device", "cpu"]
 
 def test_dpo_runs_from_the_sft_checkpoint(finetuned, tmp_path, monkeypatch):
     monkeypatch.setattr(dpo, "judge", stand_in_judge)
-    result = train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(tmp_path), "--test-titles", "4"])
+    result = train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(tmp_path), "--test-titles", "4",
+                                   "--pairs", "whole"])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["stage"] == "dpo" and ckpt["step"] == 10 and ckpt["prefer"] == "rhyme" and ckpt["beta"] == 0.1
     assert (tmp_path / "table.txt").read_text(encoding="utf-8").count("(4 test titles;") == 1  # 6 val titles at every eval
@@ -216,7 +217,8 @@ def test_dpo_from_a_multi_task_chat_model_asks_its_tasks_in_its_format(pretraine
     train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(pretrained[0]), "--out-dir", str(sft),
                     "--device", "cpu", "--tasks", "poem,form,naming", "--format", "chat", "--max-steps", "4"])
     monkeypatch.setattr(dpo, "judge", stand_in_judge)
-    train_dpo.main(DPO + ["--init-from", str(sft), "--out-dir", str(out), "--prompts", "24", "--max-steps", "2"])
+    train_dpo.main(DPO + ["--init-from", str(sft), "--out-dir", str(out), "--prompts", "24", "--max-steps", "2",
+                          "--pairs", "whole"])
     pairs = json.loads((out / "pairs.json").read_text(encoding="utf-8"))["pairs"]
     assert {p["task"] for p in pairs} == {"poem", "form"}  # naming answers with a title, not a poem: no rhyme to prefer
     assert all(p["prompt"].startswith("<USR>") and p["prompt"].endswith("<EOT><AST>") for p in pairs)
@@ -227,7 +229,7 @@ def test_dpo_interrupted_resumes_on_its_own_pairs_to_the_same_weights(finetuned,
     from minigpt.cli import run
     monkeypatch.setattr(dpo, "judge", stand_in_judge)
     full, part = tmp_path / "full", tmp_path / "part"
-    train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(full)])
+    train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(full), "--pairs", "whole"])
     real, calls = train_dpo.dpo_loss, [0]
 
     def interrupted(*args, **kw):
@@ -237,7 +239,7 @@ def test_dpo_interrupted_resumes_on_its_own_pairs_to_the_same_weights(finetuned,
         return real(*args, **kw)
     monkeypatch.setattr(train_dpo, "dpo_loss", interrupted)
     with pytest.raises(SystemExit) as e:
-        run(train_dpo.main, DPO + ["--init-from", str(finetuned), "--out-dir", str(part)], "train_dpo.py")
+        run(train_dpo.main, DPO + ["--init-from", str(finetuned), "--out-dir", str(part), "--pairs", "whole"], "train_dpo.py")
     assert e.value.code == 130 and "python train_dpo.py --resume" in capsys.readouterr().err
     monkeypatch.setattr(train_dpo, "dpo_loss", real)
     monkeypatch.setattr(dpo, "judge", lambda *a: "no pairs may be made again on resume")
@@ -246,12 +248,27 @@ def test_dpo_interrupted_resumes_on_its_own_pairs_to_the_same_weights(finetuned,
     assert a["step"] == b["step"] == 10 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_dpo_pairs_line_endings_for_rhyme_by_default(finetuned, tmp_path, monkeypatch):
+    calls = []
+
+    def recorded(model, tokenizer, exs, yard, seed, per_prompt, **kw):  # a tiny model's answers pass no gate: whole pairs
+        calls.append((len(exs), per_prompt))
+        return dpo.make_pairs(model, tokenizer, exs, yard, dpo.PREFERENCES["rhyme"], samples=4, seed=seed,
+                              per_prompt=per_prompt, **kw)
+    monkeypatch.setattr(dpo, "judge", stand_in_judge)
+    monkeypatch.setattr(train_dpo, "ending_pairs", recorded)
+    train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(tmp_path), "--max-steps", "2"])
+    assert calls == [(8, 4), (8, 4)]  # train and held-out prompts (the tiny preset's 8 each), several pairs per answer
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["pairs"] == "ending"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--init-from", "PRETRAINED"], "run python train_sft.py first"),
     (["--init-from", "/nonexistent/run"], "train one first (python train_sft.py)"),
     (["--beta", "0"], "--beta"),
     (["--samples", "0"], "--samples must be positive"),
     (["--prefer", "haiku"], None),
+    (["--prefer", "title", "--pairs", "ending"], "pass --pairs whole"),
 ])
 def test_dpo_user_errors_exit_2_with_one_line(pretrained, finetuned, tmp_path, capsys, argv, message):
     from minigpt.cli import run
