@@ -8,8 +8,9 @@ training prompt, pair an answer the checkers prefer (it rhymes) with one they do
 The pairs are sampled once, up front, from the starting model (which is also the frozen reference) and kept in
 pairs.json. A rhyme pair differs in one line ending: where the model's answer reaches it, the model's own choices
 there give a character that rhymes with the endings before it (chosen) and one that does not (rejected); --pairs whole
-pairs two whole answers instead. Every eval prints the DPO loss, the preference accuracy and the reward margin on held-out pairs (val
-titles), the answer val loss and the behaviour on val titles; test titles appear only in the final table.
+pairs two whole answers instead. Every eval prints the DPO loss, the preference accuracy and the reward margin on
+held-out pairs (val titles), the answer val loss and the behaviour on val titles; test titles appear only in the final
+table.
 """
 import os
 import random
@@ -88,7 +89,7 @@ def main(argv=None):
     if resumed:  # the run goes on with its own settings and its own pairs
         model, tokenizer, ckpt = resumed
         cfg = TrainConfig(**ckpt["train_config"])
-        for name in ("init_from", "prefer", "pairs", "hold", "beta", "sft_weight", "eval_titles", "test_titles", "max_new_tokens"):
+        for name in ("init_from", "prefer", "hold", "beta", "sft_weight", "eval_titles", "test_titles", "max_new_tokens"):
             setattr(args, name, ckpt.get(name, getattr(args, name)))  # older runs lack hold, test_titles
         args.pairs = ckpt.get("pairs", "whole")  # runs from before ending pairs made whole ones
         ref, _, ref_ckpt = load_checkpoint(args.init_from, made_by="python train_sft.py")
@@ -131,7 +132,7 @@ def main(argv=None):
                                      args.pairs_per_prompt if args.pairs == "ending" else 1)
         if not pairs or not val_pairs:
             raise cli.UsageError(f"no pair: among {counts['samples']} answers none was {prefer.name} and passed the gates "
-                                 "(or none failed); sample more with --prompts and --samples")
+                                 "(or none failed); sample more with --prompts" + (" and --samples" if args.pairs == "whole" else ""))
         for ps in (pairs, val_pairs):
             fill_reference(ref, ps, tokenizer, fmt)
         os.makedirs(args.out_dir, exist_ok=True)
@@ -149,7 +150,8 @@ def main(argv=None):
     val_set = eval_set(splits["val"], splits["train"], args.eval_titles)
     held = "" if args.hold == "none" else f"; never against: {args.hold}"
     print(f"from {args.init_from} (step {ref_ckpt['step']}): {len(pairs)} pairs, {len(val_pairs)} held out; preferred: "
-          f"{prefer.what}{held}; {args.pairs} pairs; beta {args.beta}, SFT weight {args.sft_weight}; writing to {args.out_dir}")
+          f"{prefer.what}{held}; {args.pairs} pairs; beta {args.beta}, SFT weight {args.sft_weight}; writing to "
+          f"{args.out_dir}")
 
     def sample(m, step):
         answers = write_answers(m, tokenizer, DEMO_TITLES, poem_fmt, max_new_tokens=args.max_new_tokens)
@@ -162,8 +164,8 @@ def main(argv=None):
         return {**out, **preference_metrics(m, val_batches, args.beta)}
 
     extra_ckpt = {"stage": "dpo", "model_config": model.config.__dict__.copy(), "tokenizer": tokenizer.to_list(),
-                  "init_from": os.path.abspath(args.init_from), "prefer": args.prefer, "pairs": args.pairs, "hold": args.hold, "beta": args.beta,
-                  "sft_weight": args.sft_weight, "eval_titles": args.eval_titles, "test_titles": args.test_titles,
+                  "init_from": os.path.abspath(args.init_from), "prefer": args.prefer, "pairs": args.pairs, "hold": args.hold,
+                  "beta": args.beta, "sft_weight": args.sft_weight, "eval_titles": args.eval_titles, "test_titles": args.test_titles,
                   "max_new_tokens": args.max_new_tokens,
                   "tasks": ref_ckpt.get("tasks", "poem"), "format": ref_ckpt.get("format", "ins")}
 

@@ -202,7 +202,8 @@ def ending_pairs(model, tokenizer, exs, yard, fmt=TITLE_TO_POEM, per_prompt=4, m
             if judge(chosen, True, ex, yard, RHYME):  # a later ending breaks the rhyme, or a gate fails after the change
                 counts["chosen not a passing answer"] += 1
                 continue
-            if gate(rejected, True, ex, yard) or hold and hold.passes(rejected, ex, yard) and not hold.passes(chosen, ex, yard):
+            worked_against = hold and hold.passes(rejected, ex, yard) and not hold.passes(chosen, ex, yard)
+            if gate(rejected, True, ex, yard) or worked_against:
                 counts["rejected fails more than the rhyme"] += 1
                 continue
             pairs.append(Pair(ex.task, prompt, chosen, rejected, f"not rhyme (line {k + 1})"))
