@@ -117,17 +117,18 @@ def main(argv=None):
         t = time.time()
         prompts = dpo_prompts(splits["train"], tasks, yard.rhyme_groups, fmt)
         random.Random(cfg.seed).shuffle(prompts)  # titles from the whole corpus, not the first poets alone
-        sampling = dict(fmt=fmt, per_prompt=args.pairs_per_prompt, max_new_tokens=args.max_new_tokens,
-                        hold=None if args.hold == "none" else PREFERENCES[args.hold])
-        if args.pairs == "ending":  # several pairs of one answer at its several endings, held out alike
-            make = lambda exs, seed, per_prompt: ending_pairs(ref, tokenizer, exs, yard, seed=seed,
-                                                              **dict(sampling, per_prompt=per_prompt))
-        else:  # one pair per held-out prompt: its answers are alike, and would be counted several times
+        sampling = dict(fmt=fmt, max_new_tokens=args.max_new_tokens, hold=None if args.hold == "none" else PREFERENCES[args.hold])
+        if args.pairs == "ending":
+            make = lambda exs, seed, per_prompt: ending_pairs(ref, tokenizer, exs, yard, seed=seed, per_prompt=per_prompt,
+                                                              **sampling)
+        else:
             make = lambda exs, seed, per_prompt: make_pairs(ref, tokenizer, exs, yard, prefer, samples=args.samples,
-                                                            seed=seed, **dict(sampling, per_prompt=per_prompt))
+                                                            seed=seed, per_prompt=per_prompt, **sampling)
         pairs, counts = make(prompts[:args.prompts], cfg.seed, args.pairs_per_prompt)
         val_prompts = dpo_prompts(splits["val"], tasks, yard.rhyme_groups, fmt)
         random.Random(cfg.seed).shuffle(val_prompts)
+        # held out like the training pairs: ending pairs several to an answer, at its several endings; whole pairs one
+        # to a prompt, whose several answers are alike and would be counted several times
         val_pairs, val_counts = make(val_prompts[:args.val_prompts], cfg.seed + 1,
                                      args.pairs_per_prompt if args.pairs == "ending" else 1)
         if not pairs or not val_pairs:
