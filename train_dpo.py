@@ -1,37 +1,73 @@
-"""Stage 3: preference tuning by DPO. Start from the fine-tuned checkpoint, let it write several answers to each
-training prompt, pair an answer the checkers prefer (it rhymes) with one they do not, and train on the pairs.
+"""Stage 3: preference tuning by DPO. Start from the fine-tuned checkpoint, let it answer training prompts, pair an
+answer the checkers prefer (it rhymes) with one they do not, and train on the pairs.
 
     python train_dpo.py                       # after python train_sft.py; about 10 minutes on 2 CPU cores
     python train_dpo.py --prefer title        # another preference, the same algorithm: answers that name their title
     python train_dpo.py --init-from runs/dpo --out-dir runs/dpo2    # a second round: fresh pairs from the tuned model
 
-The pairs are sampled once, up front, from the starting model (which is also the frozen reference) and kept in
+The pairs are made once, up front, from the starting model (which is also the frozen reference) and kept in
 pairs.json. A rhyme pair differs in one line ending: where the model's answer reaches it, the model's own choices
 there give a character that rhymes with the endings before it (chosen) and one that does not (rejected); --pairs whole
-pairs two whole answers instead. Every eval prints the DPO loss, the preference accuracy and the reward margin on
-held-out pairs (val titles), the answer val loss and the behaviour on val titles; test titles appear only in the final
-table.
+samples several answers per prompt and pairs two whole answers instead. Every eval prints the DPO loss, the preference
+accuracy and the reward margin on held-out pairs (val titles), the answer val loss and the behaviour on val titles;
+test titles appear only in the final table.
 """
+import dataclasses
 import os
 import random
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
 from minigpt import cli
-from minigpt.checkpoint import CheckpointError, load_checkpoint
-from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, SFTData, load_poems, split_poems
-from minigpt.dpo import (PREFERENCES, TRAIN_PAIRS_CHECKED, dpo_loss, dpo_prompts, ending_pairs, fill_reference, load_pairs,
-                         make_pairs, margin_parts, margin_shares, mark_endings, pair_batch, preference_metrics, save_pairs)
-from minigpt.evaluate import (Yardstick, eval_set, format_table, loss_batches, measure, reference, table_note, val_sample,
-                              write_answers)
+from minigpt.checkpoint import CheckpointError, load_checkpoint, settings_of
+from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, load_poems, split_poems
+from minigpt.dpo import TRAIN_PAIRS_CHECKED, dpo_loss, fill_reference, margin_parts, margin_shares, pair_batch, \
+    preference_metrics
+from minigpt.evaluate import eval_set, format_table, loss_batches, measure, reference, table_note, val_sample, \
+    write_answers
+from minigpt.metrics import PREFERENCES, Yardstick, mark
 from minigpt.model import GPT
-from minigpt.plot import plot_preferences
+from minigpt.pairs import dpo_prompts, ending_pairs, load_pairs, make_pairs, save_pairs
+from minigpt.plot import plot_losses, plot_preferences
 from minigpt.sample import fine_tuned
-from minigpt.tasks import CHAT, CHAT_POEM, parse_tasks
+from minigpt.tasks import CHAT, CHAT_POEM, parse_tasks, single_poem_task, task_data
 from minigpt.train import TrainConfig, train
 
 DEMO_TITLES = ["春夜喜雨", "靜夜思", "秋日登樓", "送友人"]
+
+
+@dataclass
+class DPOSettings:
+    """What preference tuning adds to the training settings; kept whole in the checkpoint."""
+    init_from: str = os.path.join("runs", "sft")  # the fine-tuned run: the start, the reference and the pairs' writer
+    prefer: str = "rhyme"  # a key of PREFERENCES
+    pairs: str = None  # ending or whole (None: ending for rhyme, whole for the others)
+    hold: str = "none"  # a preference the pairs must not work against, or none
+    beta: float = 0.1
+    sft_weight: float = 1.0
+    prompts: int = 3000
+    val_prompts: int = 400
+    samples: int = 8  # answers per prompt, for whole pairs
+    pairs_per_prompt: int = 4
+    eval_titles: int = 200
+    test_titles: int = 2000
+    max_new_tokens: int = 128
+    tasks: str = "poem"  # the fine-tuned model's, which the prompts ask in its format: not flags
+    format: str = "ins"
+
+    def __post_init__(self):
+        for name in ("prompts", "val_prompts", "samples", "eval_titles", "test_titles", "max_new_tokens", "beta",
+                     "pairs_per_prompt"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.sft_weight < 0:
+            raise ValueError("--sft-weight must not be negative")
+        self.pairs = self.pairs or ("ending" if self.prefer == "rhyme" else "whole")
+        if self.pairs == "ending" and self.prefer != "rhyme":
+            raise ValueError(f"--pairs ending pairs rhyming line endings; for --prefer {self.prefer} pass --pairs whole")
+
 
 PRESETS = {
     "tiny": dict(batch_size=4, lr=1e-4, min_lr=1e-5, warmup_steps=2, max_steps=10, eval_every=5, sample_every=5,
@@ -47,7 +83,7 @@ PRESETS = {
 }
 
 
-def main(argv=None):
+def parse_args(argv):
     parser = cli.make_parser(__doc__, PRESETS, os.path.join("runs", "dpo"), model_flags=())
     parser.add_argument("--init-from", default=os.path.join("runs", "sft"), help="the fine-tuned run (or checkpoint) to "
                         "start from; it is also the frozen reference and writes the pairs")
@@ -65,148 +101,167 @@ def main(argv=None):
                         "less the policy needs to move to separate a pair")
     parser.add_argument("--sft-weight", type=float, default=1.0, help="weight of the SFT loss on real training poems "
                         "added to the DPO loss, which holds the model to the poems it was tuned on; 0: DPO alone")
-    parser.add_argument("--prompts", type=int, help="training prompts to sample answers for")
+    parser.add_argument("--prompts", type=int, help="training prompts to answer")
     parser.add_argument("--val-prompts", type=int, help="val prompts whose pairs are held out to measure the preference")
-    parser.add_argument("--samples", type=int, help="answers sampled per prompt")
+    parser.add_argument("--samples", type=int, help="answers sampled per prompt (--pairs whole)")
     parser.add_argument("--pairs-per-prompt", type=int, default=4, help="at most this many pairs from one prompt")
     parser.add_argument("--eval-titles", type=int, help="val titles measured at every eval")
     parser.add_argument("--test-titles", type=int, help="test titles in the final table (at most every one the split has: "
                         "the relevance lift of 200 titles moves by about 4.5 points from chance alone)")
     parser.add_argument("--max-new-tokens", type=int, help="longest answer when sampling and measuring")
-    args = parser.parse_args(argv)
-    _, cfg, device, extra = cli.resolve(args, PRESETS)
-    for name in ("prompts", "val_prompts", "samples", "eval_titles", "test_titles", "max_new_tokens", "beta"):
-        value = getattr(args, name) if getattr(args, name) is not None else extra[name]
-        if value <= 0:
-            raise cli.UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        setattr(args, name, value)
-    args.pairs = args.pairs or ("ending" if args.prefer == "rhyme" else "whole")
-    if args.pairs == "ending" and args.prefer != "rhyme":
-        raise cli.UsageError(f"--pairs ending pairs rhyming line endings; for --prefer {args.prefer} pass --pairs whole")
-    if args.sft_weight < 0 or args.pairs_per_prompt <= 0:
-        raise cli.UsageError("--pairs-per-prompt must be positive and --sft-weight not negative")
+    return parser.parse_args(argv)
+
+
+def start(args, settings):
+    """(model to train, reference, tokenizer, the reference's checkpoint, settings, the resumed checkpoint or None)."""
     resumed = cli.resume_point(args)
     if resumed:  # the run goes on with its own settings and its own pairs
         model, tokenizer, ckpt = resumed
-        cfg = TrainConfig(**ckpt["train_config"])
-        for name in ("init_from", "prefer", "hold", "beta", "sft_weight", "eval_titles", "test_titles", "max_new_tokens"):
-            setattr(args, name, ckpt.get(name, getattr(args, name)))  # older runs lack hold, test_titles
-        args.pairs = ckpt.get("pairs", "whole")  # runs from before ending pairs made whole ones
-        ref, _, ref_ckpt = load_checkpoint(args.init_from, made_by="python train_sft.py")
+        settings = cli.resumed_settings(DPOSettings, ckpt, args.out_dir)
+        ref, _, ref_ckpt = load_checkpoint(settings.init_from, made_by="python train_sft.py")
         print(f"resuming {args.out_dir} at step {ckpt['step']}")
-    else:
-        ref, tokenizer, ref_ckpt = load_checkpoint(args.init_from, made_by="python train_sft.py")
-        if not fine_tuned(ref_ckpt):
-            raise CheckpointError(f"{args.init_from} is a {ref_ckpt.get('stage', 'pretraining')} checkpoint; DPO starts "
-                                  "from a fine-tuned one: run python train_sft.py first, or pass --init-from runs/sft")
-        model = GPT(ref.config)
-        model.load_state_dict(ref.state_dict())
-    chat = ref_ckpt.get("format", "ins") == "chat"
-    fmt, poem_fmt = (CHAT, CHAT_POEM) if chat else (TITLE_TO_POEM, TITLE_TO_POEM)
-    tasks = parse_tasks(ref_ckpt.get("tasks", "poem"))
-    splits = split_poems(load_poems(args.corpus))
-    cli.check_vocabulary(tokenizer, splits["train"], chat, args.init_from, args.corpus)
-    prefer, yard, T = PREFERENCES[args.prefer], Yardstick(splits["train"]), model.config.block_size
-    ref.to(device).eval().requires_grad_(False)
+        return model, ref, tokenizer, ref_ckpt, settings, ckpt
+    ref, tokenizer, ref_ckpt = load_checkpoint(settings.init_from, made_by="python train_sft.py")
+    if not fine_tuned(ref_ckpt):
+        raise CheckpointError(f"{settings.init_from} is a {ref_ckpt.get('stage', 'pretraining')} checkpoint; DPO starts "
+                              "from a fine-tuned one: run python train_sft.py first, or pass --init-from runs/sft")
+    model = GPT(ref.config)
+    model.load_state_dict(ref.state_dict())
+    settings = dataclasses.replace(settings, init_from=os.path.abspath(settings.init_from),
+                                   tasks=settings_of(ref_ckpt).get("tasks", "poem"),
+                                   format=settings_of(ref_ckpt).get("format", "ins"))
+    return model, ref, tokenizer, ref_ckpt, settings, None
 
-    pairs_path = os.path.join(args.out_dir, "pairs.json")
+
+def make_all_pairs(ref, tokenizer, splits, tasks, yard, fmt, settings, seed, out_dir):
+    """The training and held-out pairs, made once from the reference (the policy at step 0: on-policy there), with
+    the reference's log-probabilities filled in, saved in out_dir. Returns (pairs, counts, val_pairs)."""
+    t = time.time()
+    prefer, hold = PREFERENCES[settings.prefer], None if settings.hold == "none" else PREFERENCES[settings.hold]
+
+    def make(exs, seed, per_prompt):
+        kw = dict(fmt=fmt, max_new_tokens=settings.max_new_tokens, hold=hold, seed=seed, per_prompt=per_prompt)
+        if settings.pairs == "ending":
+            return ending_pairs(ref, tokenizer, exs, yard, **kw)
+        return make_pairs(ref, tokenizer, exs, yard, prefer, samples=settings.samples, **kw)
+
+    prompts = dpo_prompts(splits["train"], tasks, yard.rhyme_groups, fmt)
+    random.Random(seed).shuffle(prompts)  # titles from the whole corpus, not the first poets alone
+    pairs, counts = make(prompts[:settings.prompts], seed, settings.pairs_per_prompt)
+    val_prompts = dpo_prompts(splits["val"], tasks, yard.rhyme_groups, fmt)
+    random.Random(seed).shuffle(val_prompts)
+    # held out like the training pairs: ending pairs several to an answer, at its several endings; whole pairs one
+    # to a prompt, whose several answers are alike and would be counted several times
+    val_pairs, val_counts = make(val_prompts[:settings.val_prompts], seed + 1,
+                                 settings.pairs_per_prompt if settings.pairs == "ending" else 1)
+    if not pairs or not val_pairs:
+        raise cli.UsageError(f"no pair: among {counts['samples']} answers none was {prefer.name} and passed the gates "
+                             "(or none failed); sample more with --prompts" +
+                             (" and --samples" if settings.pairs == "whole" else ""))
+    for ps in (pairs, val_pairs):
+        fill_reference(ref, ps, tokenizer, fmt)
+    os.makedirs(out_dir, exist_ok=True)
+    save_pairs(os.path.join(out_dir, "pairs.json"), pairs, counts)
+    save_pairs(os.path.join(out_dir, "val_pairs.json"), val_pairs, val_counts)
+    print(f"pairs from {counts['samples']} answers to {counts['prompts']} train prompts in {time.time() - t:.0f} s: "
+          + ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("samples", "prompts")))
+    print(f"held-out pairs from {val_counts['prompts']} val prompts: {len(val_pairs)}")
+    print(f"a pair ({prefer.name}):\n{pairs[0].prompt}\n  chosen:   {pairs[0].chosen}\n  rejected: {pairs[0].rejected}"
+          f"   ({pairs[0].why_rejected})")
+    return pairs, counts, val_pairs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _, cfg, device, extra = cli.resolve(args, PRESETS)
+    settings = cli.stage_settings(DPOSettings, args, extra)
+    model, ref, tokenizer, ref_ckpt, settings, resumed = start(args, settings)
     if resumed:
-        pairs, counts = load_pairs(pairs_path)
-        val_pairs, val_counts = load_pairs(os.path.join(args.out_dir, "val_pairs.json"))
-    else:  # sampled once from the reference, which is the policy at step 0: the pairs are on-policy there
-        t = time.time()
-        prompts = dpo_prompts(splits["train"], tasks, yard.rhyme_groups, fmt)
-        random.Random(cfg.seed).shuffle(prompts)  # titles from the whole corpus, not the first poets alone
-        sampling = dict(fmt=fmt, max_new_tokens=args.max_new_tokens, hold=None if args.hold == "none" else PREFERENCES[args.hold])
-        if args.pairs == "ending":
-            make = lambda exs, seed, per_prompt: ending_pairs(ref, tokenizer, exs, yard, seed=seed, per_prompt=per_prompt,
-                                                              **sampling)
-        else:
-            make = lambda exs, seed, per_prompt: make_pairs(ref, tokenizer, exs, yard, prefer, samples=args.samples,
-                                                            seed=seed, per_prompt=per_prompt, **sampling)
-        pairs, counts = make(prompts[:args.prompts], cfg.seed, args.pairs_per_prompt)
-        val_prompts = dpo_prompts(splits["val"], tasks, yard.rhyme_groups, fmt)
-        random.Random(cfg.seed).shuffle(val_prompts)
-        # held out like the training pairs: ending pairs several to an answer, at its several endings; whole pairs one
-        # to a prompt, whose several answers are alike and would be counted several times
-        val_pairs, val_counts = make(val_prompts[:args.val_prompts], cfg.seed + 1,
-                                     args.pairs_per_prompt if args.pairs == "ending" else 1)
-        if not pairs or not val_pairs:
-            raise cli.UsageError(f"no pair: among {counts['samples']} answers none was {prefer.name} and passed the gates "
-                                 "(or none failed); sample more with --prompts" + (" and --samples" if args.pairs == "whole" else ""))
-        for ps in (pairs, val_pairs):
-            fill_reference(ref, ps, tokenizer, fmt)
-        os.makedirs(args.out_dir, exist_ok=True)
-        save_pairs(pairs_path, pairs, counts)
-        save_pairs(os.path.join(args.out_dir, "val_pairs.json"), val_pairs, val_counts)
-        print(f"pairs from {counts['samples']} answers to {counts['prompts']} train prompts in {time.time() - t:.0f} s: "
-              + ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("samples", "prompts")))
-        print(f"held-out pairs from {val_counts['prompts']} val prompts: {len(val_pairs)}")
-        print(f"a pair ({prefer.name}):\n{pairs[0].prompt}\n  chosen:   {pairs[0].chosen}\n  rejected: {pairs[0].rejected}"
-              f"   ({pairs[0].why_rejected})")
+        cfg = TrainConfig(**resumed["train_config"])
+    chat = settings.format == "chat"
+    fmt, poem_fmt = (CHAT, CHAT_POEM) if chat else (TITLE_TO_POEM, TITLE_TO_POEM)
+    tasks = parse_tasks(settings.tasks)
+    splits = split_poems(load_poems(args.corpus))
+    cli.check_vocabulary(tokenizer, splits["train"], chat, settings.init_from, args.corpus)
+    prefer, yard, T = PREFERENCES[settings.prefer], Yardstick(splits["train"]), model.config.block_size
+    ref.to(device).eval().requires_grad_(False)
+    if resumed:
+        pairs, counts = load_pairs(os.path.join(args.out_dir, "pairs.json"))
+        val_pairs, _ = load_pairs(os.path.join(args.out_dir, "val_pairs.json"))
+    else:
+        pairs, counts, val_pairs = make_all_pairs(ref, tokenizer, splits, tasks, yard, fmt, settings, cfg.seed, args.out_dir)
 
     val_batches = [pair_batch(val_pairs[i:i + 64], tokenizer, fmt) for i in range(0, len(val_pairs), 64)]
     val = loss_batches(tokenizer, val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size), poem_fmt,
                        batch_size=cfg.batch_size)  # the loop's val loss: the real val poems' answer tokens
-    val_set = eval_set(splits["val"], splits["train"], args.eval_titles)
-    held = "" if args.hold == "none" else f"; never against: {args.hold}"
-    print(f"from {args.init_from} (step {ref_ckpt['step']}): {len(pairs)} pairs, {len(val_pairs)} held out; preferred: "
-          f"{prefer.what}{held}; {args.pairs} pairs; beta {args.beta}, SFT weight {args.sft_weight}; writing to "
-          f"{args.out_dir}")
+    val_set = eval_set(splits["val"], splits["train"], settings.eval_titles)
+    held = "" if settings.hold == "none" else f"; never against: {settings.hold}"
+    print(f"from {settings.init_from} (step {ref_ckpt['step']}): {len(pairs)} pairs, {len(val_pairs)} held out; "
+          f"preferred: {prefer.what}{held}; {settings.pairs} pairs; beta {settings.beta}, SFT weight "
+          f"{settings.sft_weight}; writing to {args.out_dir}")
 
     def sample(m, step):
-        answers = write_answers(m, tokenizer, DEMO_TITLES, poem_fmt, max_new_tokens=args.max_new_tokens)
+        answers = write_answers(m, tokenizer, DEMO_TITLES, poem_fmt, max_new_tokens=settings.max_new_tokens)
         return {"samples": [{"title": t, "answer": a, "stopped": s,
-                             "shown": f"[{t}]{'' if s else ' (no end marker)'}\n{mark_endings(a, yard.rhyme_groups)}"}
+                             "shown": f"[{t}]{'' if s else ' (no end marker)'}\n{mark(a, t, yard, prefer)}"}
                             for t, (a, s) in zip(DEMO_TITLES, answers)]}
 
     def metrics(m, step):
-        out = measure(m, tokenizer, val_set.titles, yard, poem_fmt, val=val, max_new_tokens=args.max_new_tokens)
-        return {**out, **preference_metrics(m, val_batches, args.beta)}
+        out = measure(m, tokenizer, val_set.titles, yard, poem_fmt, val=val, max_new_tokens=settings.max_new_tokens)
+        return {**out, **preference_metrics(m, val_batches, settings.beta)}
 
     extra_ckpt = {"stage": "dpo", "model_config": model.config.__dict__.copy(), "tokenizer": tokenizer.to_list(),
-                  "init_from": os.path.abspath(args.init_from), "prefer": args.prefer, "pairs": args.pairs, "hold": args.hold,
-                  "beta": args.beta, "sft_weight": args.sft_weight, "eval_titles": args.eval_titles, "test_titles": args.test_titles,
-                  "max_new_tokens": args.max_new_tokens,
-                  "tasks": ref_ckpt.get("tasks", "poem"), "format": ref_ckpt.get("format", "ins")}
-
-    real = SFTData(splits["train"], tokenizer, T, regular_only=True, fmt=poem_fmt) if args.sft_weight else None
+                  "settings": asdict(settings)}
+    real = task_data(splits["train"], tokenizer, T, (single_poem_task("regular"),), yard.rhyme_groups, fmt) \
+        if settings.sft_weight else None
 
     def get_batch(gen):  # pairs, and as many real training poems when the SFT loss is added
         batch = pair_batch([pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size,), generator=gen).tolist()],
                            tokenizer, fmt)
-        return batch + (real.get_batch(cfg.batch_size, tokenizer.pad_id, gen) if real else ())
+        return batch._replace(**dict(zip(("real_x", "real_y"), real.get_batch(cfg.batch_size, tokenizer.pad_id, gen)))) \
+            if real else batch
 
     result = train(model, cfg, get_batch, val["poem"], args.out_dir, extra_ckpt, sample=sample, metrics=metrics,
-                   on_event=cli.print_event, device=device, resume_from=ckpt if resumed else None,
-                   loss_fn=lambda m, batch: dpo_loss(m, batch, args.beta, args.sft_weight))
+                   on_event=cli.print_event, device=device, resume_from=resumed,
+                   loss_fn=lambda m, batch: dpo_loss(m, batch, settings.beta, settings.sft_weight))
     if not cli.is_lead():
         return result
+    columns = final_table(args.out_dir, model.to(device), ref, ref_ckpt, tokenizer, splits, yard, settings, fmt, poem_fmt,
+                          val, pairs, counts, val_pairs, result)
+    return {**result, "columns": columns}
 
-    # the final table, and the only place test titles are used
+
+def final_table(out_dir, model, ref, ref_ckpt, tokenizer, splits, yard, settings, fmt, poem_fmt, val, pairs, counts,
+                val_pairs, result):
+    """The table on test titles (the only place test titles are used), where the margins come from, the pictures and
+    the last line, each naming the preferred figure."""
+    prefer = PREFERENCES[settings.prefer]
+    log = os.path.join(out_dir, "log.jsonl")
+    plot_losses(log, os.path.join(out_dir, "loss.png"), title="dpo: loss")
     start = "SFT" if ref_ckpt.get("stage") == "sft" else "earlier DPO"  # a next round starts from a DPO model
-    test_set = eval_set(splits["test"], splits["train"], args.test_titles)
+    test_set = eval_set(splits["test"], splits["train"], settings.test_titles)
     columns = [("real poems", reference(yard, test_set))] + [
-        (name, measure(m, tokenizer, test_set.titles, yard, poem_fmt, val, args.max_new_tokens))
-        for name, m in ((f"{start} (reference)", ref), (f"DPO ({prefer.name})", model.to(device)))]
+        (name, measure(m, tokenizer, test_set.titles, yard, poem_fmt, val, settings.max_new_tokens))
+        for name, m in ((f"{start} (reference)", ref), (f"DPO ({prefer.name})", model))]
     first = pairs[:TRAIN_PAIRS_CHECKED]
     checked = ((f"{len(val_pairs)} held-out val pairs", val_pairs), (f"{len(first)} training pairs", first))
-    shares = [(name, margin_shares(margin_parts(model, ref, ps, tokenizer, fmt))) for name, ps in checked]
+    shares = [(name, margin_shares(margin_parts(model, ref, ps, tokenizer, yard, prefer, fmt))) for name, ps in checked]
     table = format_table(columns, table_note(test_set, yard, splits) + f" Pairs: {len(pairs)} from {counts['prompts']} "
                          f"train prompts; preference accuracy on {len(val_pairs)} held-out val pairs "
                          f"{result['pref_accuracy']:.1%}. Where the margin comes from, share of pairs whose chosen answer "
-                         "gained more log-ratio than the rejected one, in all / at the line endings alone / elsewhere: "
-                         + "; ".join(f"{name} {s['all']:.1%} / {s['endings']:.1%} / {s['elsewhere']:.1%}" for name, s in shares)
-                         + ". A rhyme learnt shows at the line endings of pairs never trained on; a margin made elsewhere "
-                         "on the training pairs alone is the chosen answers remembered.")
-    cli.write_table(args.out_dir, "table.txt", table)
-    plot_preferences(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "preference.png"))
+                         f"gained more log-ratio than the rejected one, in all / at {prefer.where} alone / elsewhere: "
+                         + "; ".join(f"{name} {s['all']:.1%} / {s['at']:.1%} / {s['elsewhere']:.1%}" for name, s in shares)
+                         + f". A preference learnt shows at {prefer.where} of pairs never trained on; a margin made "
+                         "elsewhere on the training pairs alone is the chosen answers remembered.")
+    cli.write_table(out_dir, "table.txt", table)
+    plot_preferences(log, os.path.join(out_dir, "preference.png"), [m.key for m in prefer.metrics])
     before, after = columns[1][1], columns[2][1]
-    rate = lambda c: "—" if c["rhyme_rate"] is None else f"{c['rhyme_rate']:.0%}"
-    print(f"done: step {result['step']}, {result['elapsed_s']:.0f} s; on test titles, {start} -> DPO: rhymes "
-          f"{rate(before)} -> {rate(after)}, regular {before['regular_rate']:.0%} -> {after['regular_rate']:.0%}, stop "
-          f"{before['stop_rate']:.0%} -> {after['stop_rate']:.0%}; see {args.out_dir}/table.txt, preference.png")
-    return {**result, "columns": columns}
+    moved = ", ".join(f"{m.console or m.label} {m.brief(before[m.key])} -> {m.brief(after[m.key])}"
+                      for m in prefer.metrics)
+    print(f"done: step {result['step']}, {result['elapsed_s']:.0f} s; on test titles, {start} -> DPO: {moved}, regular "
+          f"{before['regular_rate']:.0%} -> {after['regular_rate']:.0%}, stop {before['stop_rate']:.0%} -> "
+          f"{after['stop_rate']:.0%}; see {out_dir}/table.txt, preference.png")
+    return columns
 
 
 if __name__ == "__main__":

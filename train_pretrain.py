@@ -8,17 +8,29 @@ Every few hundred steps it prints what the model writes after a few titles: it n
 """
 import json
 import os
+from dataclasses import asdict, dataclass
 
 import torch
 
 from minigpt import cli
 from minigpt.checkpoint import CheckpointError
 from minigpt.data import DEFAULT_CORPUS, PretrainData, build_tokenizer, load_poems, split_poems
+from minigpt.generate import Sampling, write
 from minigpt.model import GPT, GPTConfig
-from minigpt.sample import continue_texts
+from minigpt.plot import plot_losses
 from minigpt.train import TrainConfig, train
 
 PROMPTS = ["春夜喜雨\n", "靜夜思\n", "登高\n", "送友人\n"]  # titles, in the pretraining format: a title and a newline
+
+@dataclass
+class PretrainSettings:
+    """What pretraining adds to the model and training settings; kept whole in the checkpoint."""
+    sample_chars: int = 120  # characters written after each sampling prompt
+
+    def __post_init__(self):
+        if self.sample_chars <= 0:
+            raise ValueError(f"--sample-chars must be positive, got {self.sample_chars}")
+
 
 PRESETS = {
     "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0),
@@ -44,7 +56,7 @@ def main(argv=None):
     parser.add_argument("--sample-chars", type=int, help="characters to write after each sampling prompt")
     args = parser.parse_args(argv)
     model_kw, cfg, device, extra = cli.resolve(args, PRESETS)
-    sample_chars = args.sample_chars or extra["sample_chars"]
+    settings = cli.stage_settings(PretrainSettings, args, extra)
     resumed = cli.resume_point(args)
 
     splits = split_poems(load_poems(args.corpus))
@@ -53,7 +65,8 @@ def main(argv=None):
         model, saved_tokenizer, ckpt = resumed
         if saved_tokenizer.itos != tokenizer.itos:
             raise CheckpointError(f"{args.out_dir} was trained on another corpus than {args.corpus}; pass that one with --corpus")
-        cfg, model_cfg, sample_chars = TrainConfig(**ckpt["train_config"]), model.config, ckpt["sample_chars"]
+        cfg, model_cfg = TrainConfig(**ckpt["train_config"]), model.config
+        settings = cli.resumed_settings(PretrainSettings, ckpt, args.out_dir)
         print(f"resuming {args.out_dir} at step {ckpt['step']}")
     else:
         model_cfg = cli.model_config(GPTConfig, vocab_size=tokenizer.vocab_size, **model_kw)
@@ -64,17 +77,19 @@ def main(argv=None):
     print(f"model: {model.num_params():,} parameters, vocab {tokenizer.vocab_size}, device {device}; writing to {args.out_dir}")
 
     def sample(m, step):
-        texts = continue_texts(m, tokenizer, PROMPTS, sample_chars, seed=cfg.seed)
+        texts = [a.text for a in write(m, tokenizer, PROMPTS, settings.sample_chars, stop=None,
+                                       sampling=Sampling(seed=cfg.seed))]
         return {"samples": [{"prompt": p, "text": t, "shown": p + t} for p, t in zip(PROMPTS, texts)]}
 
     extra_ckpt = {"stage": "pretrain", "model_config": model_cfg.__dict__.copy(), "tokenizer": tokenizer.to_list(),
-                  "sample_chars": sample_chars}
+                  "settings": asdict(settings)}
     result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, model_cfg.block_size, g),
                    data.val_batches(cfg.eval_batches, cfg.batch_size, model_cfg.block_size),
                    args.out_dir, extra_ckpt, sample=sample, on_event=cli.print_event, device=device,
                    resume_from=resumed[2] if resumed else None)
     if not cli.is_lead():
         return result
+    plot_losses(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "loss.png"), title="pretrain: loss")
     print(f"done: step {result['step']}, val loss {result['val_loss']:.3f}, {result['elapsed_s']:.0f} s; "
           f"checkpoint {os.path.join(args.out_dir, 'ckpt.pt')}, plot {os.path.join(args.out_dir, 'loss.png')}")
     with open(os.path.join(args.out_dir, "summary.json"), "w", encoding="utf-8") as f:

@@ -10,19 +10,49 @@ behaviour on val titles; test titles appear only in the final table.
 """
 import dataclasses
 import os
+from dataclasses import asdict, dataclass
 
 from minigpt import cli
-from minigpt.checkpoint import load_checkpoint
-from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, SFTData, load_poems, split_poems
-from minigpt.evaluate import (Yardstick, compare, complete, eval_set, format_table, loss_batches, measure, mentions_title,
-                              table_note, val_sample, write_answers)
-from minigpt.model import GPT, GPTConfig, grow_vocab
-from minigpt.plot import plot_behaviour, plot_tasks
-from minigpt.tasks import (BY_NAME, CHAT, CHAT_POEM, TABLE_NOTE, TaskData, eval_examples, format_task_table, measure_tasks, parse_tasks,
-                           prompt_text, task_columns)
+from minigpt.checkpoint import grow_vocab, load_checkpoint
+from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, load_poems, split_poems
+from minigpt.evaluate import compare, eval_set, format_table, loss_batches, measure, table_note, val_sample, write_answers
+from minigpt.generate import write
+from minigpt.metrics import Yardstick
+from minigpt.model import GPT, GPTConfig
+from minigpt.plot import plot_behaviour, plot_losses, plot_tasks
+from minigpt.tasks import (BY_NAME, CHAT, CHAT_POEM, SINGLE_POEM_DATA, TABLE_NOTE, eval_examples, format_task_table,
+                           measure_tasks, parse_tasks, prompt_text, single_poem_task, task_columns, task_data)
 from minigpt.train import TrainConfig, train
 
 DEMO_TITLES = ["春夜喜雨", "靜夜思"]  # plus the first two val titles
+
+
+@dataclass
+class SFTSettings:
+    """What instruction tuning adds to the training settings; kept whole in the checkpoint."""
+    init_from: str = os.path.join("runs", "pretrain")  # the pretrained run (an absolute path once saved)
+    data: str = "regular"  # for title -> poem: which poems answer (SINGLE_POEM_DATA)
+    train_on_prompt: bool = False
+    eval_titles: int = 200  # val titles measured at every eval; as many test titles in the final table
+    max_new_tokens: int = 256  # longest answer when measuring
+    tasks: str = "poem"  # poem: title -> poem with one instruction; else a mix of tasks, each in several phrasings
+    task_examples: int = 30  # val examples per task measured at every eval (several tasks only)
+    format: str = "ins"  # ins: <INS>...<INP>...<RES>...<END>; chat: the role markers
+
+    def __post_init__(self):
+        for name in ("eval_titles", "max_new_tokens", "task_examples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+    @property
+    def several(self):
+        """Several tasks (or the poem task in its several phrasings), as against title -> poem alone."""
+        return self.tasks != "poem"
+
+    def task_list(self):
+        """The tasks to train: title -> poem alone is the poem task in its one fixed phrasing."""
+        return (single_poem_task(self.data),) if not self.several else parse_tasks(self.tasks)
+
 
 PRESETS = {
     "tiny": dict(batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=2, max_steps=20, eval_every=10, sample_every=10,
@@ -39,14 +69,15 @@ PRESETS = {
 }
 
 
-def main(argv=None):
+def parse_args(argv):
     parser = cli.make_parser(__doc__, PRESETS, os.path.join("runs", "sft"), model_flags=("dropout",))
     parser.add_argument("--init-from", default=os.path.join("runs", "pretrain"), help="pretrained run folder or checkpoint file")
     parser.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus the pretrained model was trained on")
-    parser.add_argument("--data", choices=["regular", "all", "relevant"], default="regular",
+    parser.add_argument("--data", choices=sorted(SINGLE_POEM_DATA), default="regular",
                         help="regular: only 絕句/律詩-shaped poems become answers; all: every poem that fits; "
                              "relevant: regular poems that name a content character of their title")
-    parser.add_argument("--train-on-prompt", action="store_true", help="count the prompt in the loss too (default: answer only)")
+    parser.add_argument("--train-on-prompt", action="store_true", default=None,
+                        help="count the prompt in the loss too (default: answer only)")
     parser.add_argument("--eval-titles", type=int, help="val titles measured at every eval; as many test titles in the final table")
     parser.add_argument("--max-new-tokens", type=int, help="longest answer when measuring")
     parser.add_argument("--tasks", default="poem", help="poem: title -> poem with one instruction (the default); all, or "
@@ -55,111 +86,125 @@ def main(argv=None):
     parser.add_argument("--format", choices=["ins", "chat"], default="ins",
                         help="ins: <INS>instruction<INP>input<RES>answer<END>; chat: <SYS>system<EOT><USR>user<EOT><AST>answer<EOT>, "
                              "the role markers and the quote marks 「」 six new ids (the embedding grows by six rows)")
-    args = parser.parse_args(argv)
-    _, cfg, device, extra = cli.resolve(args, PRESETS)
-    tasks = cli.parse_or_usage(parse_tasks, args.tasks)
-    if args.format != "chat" and all(t.two_turns for t in tasks):
-        raise cli.UsageError(f"{args.tasks} has two turns, which only the chat format holds; add --format chat")
-    if [t.name for t in tasks] != ["poem"]:  # each eval measures every task: early ones took half the cpu preset's budget
-        cfg = dataclasses.replace(cfg, early_evals=False)
-    n_titles, max_new = args.eval_titles or extra["eval_titles"], args.max_new_tokens or extra["max_new_tokens"]
-    n_task = args.task_examples or extra["task_examples"]
+    return parser.parse_args(argv)
+
+
+def start(args, settings):
+    """(model to train, base model, tokenizer, the base checkpoint, settings, the resumed checkpoint or None)."""
     resumed = cli.resume_point(args)
     if resumed:  # the run goes on with its own settings
         model, tokenizer, ckpt = resumed
-        cfg = TrainConfig(**ckpt["train_config"])
-        args.init_from, args.data, args.train_on_prompt = ckpt["init_from"], ckpt["data"], ckpt["train_on_prompt"]
-        n_titles, max_new = ckpt["eval_titles"], ckpt["max_new_tokens"]
-        args.tasks, n_task, args.format = ckpt.get("tasks", "poem"), ckpt.get("task_examples", n_task), ckpt.get("format", "ins")
-        base, _, _ = load_checkpoint(args.init_from)
+        settings = cli.resumed_settings(SFTSettings, ckpt, args.out_dir)
+        base, _, base_ckpt = load_checkpoint(settings.init_from)
         print(f"resuming {args.out_dir} at step {ckpt['step']}")
-    else:
-        base, tokenizer, ckpt = load_checkpoint(args.init_from)
-        dropout = ckpt["model_config"]["dropout"] if args.dropout is None else args.dropout
-        model = GPT(cli.model_config(GPTConfig, **{**ckpt["model_config"], "dropout": dropout}))
-        model.load_state_dict(base.state_dict())
-    chat = args.format == "chat"
+        return model, base, tokenizer, base_ckpt, settings, ckpt
+    base, tokenizer, base_ckpt = load_checkpoint(settings.init_from)
+    dropout = base_ckpt["model_config"]["dropout"] if args.dropout is None else args.dropout
+    model = GPT(cli.model_config(GPTConfig, **{**base_ckpt["model_config"], "dropout": dropout}))
+    model.load_state_dict(base.state_dict())
+    return model, base, tokenizer, base_ckpt, dataclasses.replace(settings, init_from=os.path.abspath(settings.init_from)), None
+
+
+def samples_of_tasks(task_val, tokenizer, fmt, max_new):
+    """The sampling hook of a multi-task run: one val example per task, with the whole prompt as the model reads it."""
+    shown = [exs[0] for name, exs in task_val.items() if exs and ":" not in name]
+    prompts = [prompt_text(ex, fmt) for ex in shown]
+
+    def sample(m, step):
+        answers = write(m, tokenizer, prompts, max_new, stop=fmt.end)
+        return {"samples": [{"task": ex.task, "prompt": p, "answer": a, "stopped": s,
+                             "shown": f"{p}\n{a}  ({f'stopped at {fmt.end}' if s else f'no {fmt.end}'})"}
+                            for ex, p, (a, s) in zip(shown, prompts, answers)]}
+    return sample
+
+
+def samples_of_titles(demo, tokenizer, fmt, max_new):
+    """The sampling hook of title -> poem: the demo titles' answers, how long, and whether each stopped."""
+    def sample(m, step):
+        answers = write_answers(m, tokenizer, demo, fmt, max_new_tokens=max_new)
+        samples = [{"title": t, "answer": a, "stopped": s, "length": len(a),
+                    "shown": f"[{t}] ({len(a)} chars, {f'stopped at {fmt.end}' if s else f'no {fmt.end}'})\n{a}"}
+                   for t, (a, s) in zip(demo, answers)]
+        # once per block, the whole prompt as the model reads it, special tokens and all
+        samples[0]["shown"] = f"the model reads: {fmt.prompt(demo[0])}\n" + samples[0]["shown"]
+        return {"samples": samples}
+    return sample
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _, cfg, device, extra = cli.resolve(args, PRESETS)
+    settings = cli.stage_settings(SFTSettings, args, extra)
+    tasks = cli.parse_or_usage(SFTSettings.task_list, settings)
+    if settings.format != "chat" and all(t.two_turns for t in tasks):
+        raise cli.UsageError(f"{settings.tasks} has two turns, which only the chat format holds; add --format chat")
+    if settings.several:  # each eval measures every task: early ones took half the cpu preset's budget
+        cfg = dataclasses.replace(cfg, early_evals=False)
+    model, base, tokenizer, base_ckpt, settings, resumed = start(args, settings)
+    if resumed:
+        cfg, tasks = TrainConfig(**resumed["train_config"]), settings.task_list()
+    chat = settings.format == "chat"
     splits = split_poems(load_poems(args.corpus))
-    cli.check_vocabulary(tokenizer, splits["train"], chat, args.init_from, args.corpus)
+    cli.check_vocabulary(tokenizer, splits["train"], chat, settings.init_from, args.corpus)
     if chat:  # the role markers join the vocabulary; the base model gets them too, to be given the same prompts
         tokenizer = tokenizer.with_roles()
         model, base = (m if m.config.vocab_size == tokenizer.vocab_size else grow_vocab(m, tokenizer.vocab_size)
                        for m in (model, base))
     fmt, poem_fmt = (CHAT, CHAT_POEM) if chat else (TITLE_TO_POEM, TITLE_TO_POEM)
-    model_cfg = model.config
-    T = model_cfg.block_size
-    tasks = parse_tasks(args.tasks)  # a resumed run's own
-    yard = Yardstick(splits["train"])
-    multi = [t.name for t in tasks] != ["poem"]  # several tasks, or one in several phrasings
-    if multi:
-        data = TaskData(splits["train"], tokenizer, T, tasks, yard.rhyme_groups, fmt)
-        task_val = eval_examples(splits["val"], tasks, yard.rhyme_groups, n_task, tokenizer, T, fmt=fmt)
-    else:
-        data = SFTData(splits["train"], tokenizer, T, regular_only=args.data in ("regular", "relevant"), fmt=poem_fmt)
-        if args.data == "relevant":
-            data.keep_only(mentions_title, "not_about_title")
+    T, yard = model.config.block_size, Yardstick(splits["train"])
+    data = task_data(splits["train"], tokenizer, T, tasks, yard.rhyme_groups, fmt)
     if not data.examples:
         raise cli.UsageError(f"no SFT example fits the model's context of {T} tokens; pretrain with a larger --block-size")
     val_poems = val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size)
     val = loss_batches(tokenizer, val_poems, poem_fmt, batch_size=cfg.batch_size)  # the loop's val loss: the poem's tokens
-    val_set = eval_set(splits["val"], splits["train"], n_titles)
-    demo = DEMO_TITLES + val_set.titles[:2]
-    print(f"SFT data ({args.tasks if multi else args.data}): " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
-    print(f"from {args.init_from} (step {ckpt['step']}): {model.num_params():,} parameters; {len(val_set.titles)} val "
-          f"titles measured at every eval ({val_set.left_out} left out: training poems have them); writing to {args.out_dir}")
-
-    def sample(m, step):
-        if multi:  # one val example per task, with the whole prompt as the model reads it
-            shown = [exs[0] for name, exs in task_val.items() if exs and ":" not in name]
-            prompts = [prompt_text(ex, fmt) for ex in shown]
-            answers = complete(m, tokenizer, prompts, max_new_tokens=max_new, stop=fmt.end)
-            return {"samples": [{"task": ex.task, "prompt": p, "answer": a, "stopped": s,
-                                 "shown": f"{p}\n{a}  ({f'stopped at {fmt.end}' if s else f'no {fmt.end}'})"}
-                                for ex, p, (a, s) in zip(shown, prompts, answers)]}
-        answers = write_answers(m, tokenizer, demo, poem_fmt, max_new_tokens=max_new)
-        end = poem_fmt.end
-        samples = [{"title": t, "answer": a, "stopped": s, "length": len(a),
-                    "shown": f"[{t}] ({len(a)} chars, {f'stopped at {end}' if s else f'no {end}'})\n{a}"}
-                   for t, (a, s) in zip(demo, answers)]
-        # once per block, the whole prompt as the model reads it, special tokens and all
-        samples[0]["shown"] = f"the model reads: {poem_fmt.prompt(demo[0])}\n" + samples[0]["shown"]
-        return {"samples": samples}
-
-    extra_ckpt = {"stage": "sft", "model_config": model_cfg.__dict__.copy(), "tokenizer": tokenizer.to_list(),
-                  "init_from": os.path.abspath(args.init_from), "data": args.data, "train_on_prompt": args.train_on_prompt,
-                  "eval_titles": n_titles, "max_new_tokens": max_new, "tasks": ",".join(t.name for t in tasks),
-                  "task_examples": n_task, "format": args.format}
+    val_set = eval_set(splits["val"], splits["train"], settings.eval_titles)
+    task_val = eval_examples(splits["val"], tasks, yard.rhyme_groups, settings.task_examples, tokenizer, T, fmt=fmt) \
+        if settings.several else None
+    print(f"SFT data ({settings.tasks if settings.several else settings.data}): "
+          + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
+    print(f"from {settings.init_from} (step {base_ckpt['step']}): {model.num_params():,} parameters; {len(val_set.titles)} "
+          f"val titles measured at every eval ({val_set.left_out} left out: training poems have them); writing to "
+          f"{args.out_dir}")
+    sample = samples_of_tasks(task_val, tokenizer, fmt, settings.max_new_tokens) if settings.several else \
+        samples_of_titles(DEMO_TITLES + val_set.titles[:2], tokenizer, poem_fmt, settings.max_new_tokens)
 
     def metrics(m, step):
-        out = measure(m, tokenizer, val_set.titles, yard, poem_fmt, val=val, max_new_tokens=max_new)
-        if multi:
-            out["tasks"] = measure_tasks(m, tokenizer, task_val, max_new_tokens=max_new, fmt=fmt)
+        out = measure(m, tokenizer, val_set.titles, yard, poem_fmt, val=val, max_new_tokens=settings.max_new_tokens)
+        if task_val is not None:
+            out["tasks"] = measure_tasks(m, tokenizer, task_val, max_new_tokens=settings.max_new_tokens, fmt=fmt)
         return out
 
-    result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, tokenizer.pad_id, g, args.train_on_prompt), val["poem"],
-                   args.out_dir, extra_ckpt, sample=sample,
-                   metrics=metrics,
-                   on_event=cli.print_event, device=device, resume_from=ckpt if resumed else None)
+    extra_ckpt = {"stage": "sft", "model_config": model.config.__dict__.copy(), "tokenizer": tokenizer.to_list(),
+                  "settings": asdict(settings)}
+    result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, tokenizer.pad_id, g, settings.train_on_prompt),
+                   val["poem"], args.out_dir, extra_ckpt, sample=sample, metrics=metrics, on_event=cli.print_event,
+                   device=device, resume_from=resumed)
     if not cli.is_lead():
         return result
+    return {**result, "columns": final_tables(args.out_dir, base.to(device), model, tokenizer, splits, yard, settings,
+                                              tasks, fmt, poem_fmt, result)}
 
-    # the final table, and the only place test titles are used
-    columns, test_set, _ = compare(base.to(device), model, tokenizer, splits, n_titles, max_new, yardstick=yard, fmt=poem_fmt)
-    table = format_table(columns, table_note(test_set, yard, splits))
-    cli.write_table(args.out_dir, "table.txt", table)
-    plot_behaviour(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "behaviour.png"))
-    if multi:  # each task on test examples: the base model given the prompt, then the fine-tuned one
-        seen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n_titles, tokenizer, T, fmt=fmt)
-        unseen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n_titles, tokenizer, T, held_out=True, fmt=fmt)
-        by_task = task_columns(base.to(device), tokenizer, seen, unseen, [("fine-tuned", model)], max_new, fmt)
-        task_table = format_task_table(by_task, f"({n_titles} test examples per task at most. {TABLE_NOTE})")
-        cli.write_table(args.out_dir, "tasks.txt", task_table)
-        plot_tasks(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "tasks.png"))
+
+def final_tables(out_dir, base, model, tokenizer, splits, yard, settings, tasks, fmt, poem_fmt, result):
+    """The final tables on test titles (the only place test titles are used), the pictures, and the last line."""
+    log = os.path.join(out_dir, "log.jsonl")
+    plot_losses(log, os.path.join(out_dir, "loss.png"), title="sft: loss")
+    n, max_new = settings.eval_titles, settings.max_new_tokens
+    columns, test_set, _ = compare(base, model, tokenizer, splits, n, max_new, yardstick=yard, fmt=poem_fmt)
+    cli.write_table(out_dir, "table.txt", format_table(columns, table_note(test_set, yard, splits)))
+    plot_behaviour(log, os.path.join(out_dir, "behaviour.png"))
+    if settings.several:  # each task on test examples: the base model given the prompt, then the fine-tuned one
+        T = model.config.block_size
+        seen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n, tokenizer, T, fmt=fmt)
+        unseen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n, tokenizer, T, held_out=True, fmt=fmt)
+        by_task = task_columns(base, tokenizer, seen, unseen, [("fine-tuned", model)], max_new, fmt)
+        cli.write_table(out_dir, "tasks.txt", format_task_table(by_task, f"({n} test examples per task at most. {TABLE_NOTE})"))
+        plot_tasks(log, os.path.join(out_dir, "tasks.png"))
     final = dict(columns)["fine-tuned"]
     print(f"done: step {result['step']}, answer val loss {result['val_loss']:.3f}, {result['elapsed_s']:.0f} s; on test "
           f"titles: stop {final['stop_rate']:.0%}, run-on {final['run_on_rate']:.0%}, regular {final['regular_rate']:.0%}; "
-          f"see {args.out_dir}/table.txt, loss.png, behaviour.png")
-    return {**result, "columns": columns}
+          f"see {out_dir}/table.txt, loss.png, behaviour.png")
+    return columns
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
 from minigpt.train import TrainConfig, autocast_dtype, make_optimizer, pick_device
 
@@ -74,7 +75,7 @@ def generation_rate(cfg, batch_size, new_tokens, use_cache, device="cpu"):
     gen = torch.Generator(device=device).manual_seed(0)
     sync(device)
     t = time.perf_counter()
-    model.generate(prompts, new_tokens, temperature=1.0, use_cache=use_cache, generator=gen)
+    generate(model, prompts, new_tokens, temperature=1.0, use_cache=use_cache, generator=gen)
     sync(device)
     return batch_size * new_tokens / (time.perf_counter() - t)
 
@@ -84,7 +85,8 @@ def sft_metrics_time(n_titles, max_new_tokens, device="cpu"):
     (else an untrained model: the worst case, since it never stops)."""
     from minigpt.checkpoint import CheckpointError, load_checkpoint
     from minigpt.data import load_poems, split_poems
-    from minigpt.evaluate import Yardstick, eval_set, measure
+    from minigpt.evaluate import eval_set, measure
+    from minigpt.metrics import Yardstick
     splits = split_poems(load_poems())
     try:
         model, tok, _ = load_checkpoint("runs/sft", device)

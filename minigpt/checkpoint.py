@@ -78,3 +78,21 @@ def load_checkpoint(path, device="cpu", made_by="python train_pretrain.py"):
     if tokenizer.vocab_size != model.config.vocab_size:
         raise CheckpointError(f"{path}: vocabulary of {tokenizer.vocab_size} does not match the model's {model.config.vocab_size}")
     return model.to(device), tokenizer, ckpt
+
+
+def grow_vocab(model, vocab_size):
+    """A copy of model whose vocabulary has grown to vocab_size (new tokens appended, such as chat roles): the old
+    rows stay; each new row starts at the mean of the old ones, so that a new token starts as an average one."""
+    old = model.tok_emb.weight.data
+    grown = GPT(GPTConfig(**{**model.config.__dict__, "vocab_size": vocab_size})).to(old.device)
+    state = dict(model.state_dict())
+    rows = old.mean(dim=0, keepdim=True).expand(vocab_size - old.size(0), -1)  # (new, C)
+    state["tok_emb.weight"] = state["lm_head.weight"] = torch.cat([old, rows])  # tied: one table
+    grown.load_state_dict(state)
+    return grown
+
+
+def settings_of(ckpt):
+    """A checkpoint's stage settings as a dict (format, tasks, init_from ...): saved whole under 'settings'; older
+    checkpoints kept them loose at the top level, where a finished model is still read from."""
+    return ckpt.get("settings", ckpt)

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from minigpt.checkpoint import CheckpointError, load_checkpoint
 from minigpt.data import CorpusError, build_tokenizer
+from minigpt.metrics import PAIR_METRICS, console_line
 from minigpt.model import GPTConfig
 from minigpt.tokenizer import UnknownCharacterError
 from minigpt.train import TrainConfig, TrainingStopped, pick_device
@@ -55,6 +56,30 @@ def resolve(args, presets):
     return model_kw, cfg, device, preset
 
 
+def stage_settings(cls, args, extra):
+    """The stage's settings (a dataclass): each field from its flag where the user gave one, else from the preset's
+    extras, else the field's default; a value the dataclass refuses is a usage error."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(extra) - names
+    if unknown:
+        raise TypeError(f"preset keys {sorted(unknown)} are not fields of {cls.__name__}")
+    kw = {name: getattr(args, name) if getattr(args, name, None) is not None else extra[name]
+          for name in names if getattr(args, name, None) is not None or name in extra}
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def resumed_settings(cls, ckpt, out_dir):
+    """The settings a run was started with, restored whole from its checkpoint; a checkpoint from before they were
+    kept whole is refused in one line that says what to do."""
+    if "settings" not in ckpt:
+        raise UsageError(f"{out_dir} was saved by an older minigpt that did not keep its stage settings whole, so it "
+                         "cannot be resumed; start it afresh with --overwrite (its finished checkpoint still loads)")
+    return cls(**ckpt["settings"])
+
+
 def resume_point(args):
     """(model, tokenizer, checkpoint) of the run to continue, or None for a fresh run; never overwrites by accident."""
     path = os.path.join(args.out_dir, "ckpt.pt")
@@ -90,15 +115,10 @@ def print_event(record):
     """Show a log record to the person at the terminal (above the progress bar)."""
     if record["kind"] == "eval":
         line = f"step {record['step']}: val loss {record['val_loss']:.3f}"
-        if "stop_rate" in record:
-            rhyme = "—" if record["rhyme_rate"] is None else f"{record['rhyme_rate']:.0%}"
-            line += (f" (end marker {record['val_end_loss']:.2f}) | val titles: stop {record['stop_rate']:.0%}, "
-                     f"run-on {record['run_on_rate']:.0%}, regular {record['regular_rate']:.0%}, "
-                     f"title lift {100 * record['relevance_lift']:+.0f}, copied {record['copy_rate']:.0%}, "
-                     f"repeats {record['repeat_rate']:.0%}, rhymes {rhyme}, length {record['mean_length']:.0f}")
-        if "pref_accuracy" in record:
-            line += (f"\n  held-out pairs: DPO loss {record['pref_loss']:.3f}, preference accuracy "
-                     f"{record['pref_accuracy']:.0%}, reward margin {record['reward_margin']:+.2f}")
+        if console_line(record):
+            line += " | val titles: " + console_line(record)
+        if console_line(record, PAIR_METRICS):
+            line += "\n  held-out pairs: " + console_line(record, PAIR_METRICS)
         if "tasks" in record:
             line += "\n  tasks on val (complies, stops): " + ", ".join(
                 f"{name} {m['comply']:.0%} {m['stop']:.0%}" for name, m in record["tasks"].items())

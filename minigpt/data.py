@@ -1,4 +1,4 @@
-"""Poems in, tensors out: corpus loading, the train/val/test split, pretraining windows, SFT examples.
+"""Poems in, tensors out: corpus loading, the train/val/test split, pretraining windows, SFT examples as (ids, mask).
 
 Poems that share a couplet form one group (a poem recorded twice with a character changed, or under two titles),
 and a whole group goes to one split, by a hash: the same on every run and machine, and no couplet of val or test
@@ -8,10 +8,11 @@ import gzip
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 
 import torch
+
+from minigpt.verse import MEANINGLESS_TITLES, clauses, clean_title, couplet_keys, is_regular, join_groups
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "poems", "tang.jsonl.gz")
 SPLITS = {"train": 90, "val": 95, "test": 100}  # a poem's bucket (0-99) below 90 trains, 90-94 validates, 95-99 tests
@@ -58,41 +59,17 @@ def load_poems(path=DEFAULT_CORPUS):
     return poems
 
 
-PUNCTUATION = re.compile(r"[，。？！；：、《》〈〉「」\s]")
-
-
-def couplet_keys(poem):
-    """The poem's lines (couplets, in regular verse) without punctuation: what near-copies of one poem share."""
-    return [k for k in (PUNCTUATION.sub("", line) for line in poem.lines) if k]
-
-
 def split_of(key):
     """'train', 'val' or 'test', from an MD5 hash of a text (stable across runs, machines, Python versions)."""
     bucket = int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 100
     return next(name for name, upper in SPLITS.items() if bucket < upper)
 
 
-def join_groups(pairs):
-    """Union-find: {item: its group's representative} for every item of the pairs; the two items of a pair are in
-    one group, and so, in turn, is everything joined to either of them."""
-    parent = {}
-
-    def root(x):
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]  # path halving keeps the trees flat
-            x = parent[x]
-        return x
-
-    for a, b in pairs:
-        parent[root(a)] = root(b)
-    return {x: root(x) for x in parent}
-
-
 def poem_groups(poems):
     """A group per poem: poems that share a couplet are in one group, and so, in turn, are poems that share a
     couplet with any of them. One poem recorded twice with a character changed is one group."""
     first_with = {}  # couplet -> the first poem that has it
-    groups = join_groups((i, first_with.setdefault(key, i)) for i, p in enumerate(poems) for key in couplet_keys(p))
+    groups = join_groups((i, first_with.setdefault(key, i)) for i, p in enumerate(poems) for key in couplet_keys(p.lines))
     return [groups.get(i, i) for i in range(len(poems))]
 
 
@@ -117,21 +94,13 @@ def split_poems(poems):
 def leak(splits, held_out="test"):
     """What of a held-out split stands verbatim in train: the share of its couplets, the share of its clauses
     (the halves of a couplet, split at punctuation), and how many of its poems have half or more couplets in train."""
-    train_couplets = {k for p in splits["train"] for k in couplet_keys(p)}
+    train_couplets = {k for p in splits["train"] for k in couplet_keys(p.lines)}
     train_clauses = {c for p in splits["train"] for c in clauses(p.body)}
-    held = [[k in train_couplets for k in couplet_keys(p)] for p in splits[held_out]]  # per poem: each couplet in train?
+    held = [[k in train_couplets for k in couplet_keys(p.lines)] for p in splits[held_out]]  # per poem: each couplet in train?
     held_clauses = [c in train_clauses for p in splits[held_out] for c in clauses(p.body)]
     return {"couplets": sum(map(sum, held)) / max(sum(map(len, held)), 1),
             "clauses": sum(held_clauses) / max(len(held_clauses), 1),
             "poems_half_in_train": sum(2 * sum(ks) >= len(ks) for ks in held)}
-
-
-CLAUSE_END = re.compile(r"[，。？！；：、\n]")
-
-
-def clauses(text):
-    """The clauses of a poem: the runs of characters between punctuation marks and line breaks."""
-    return [c for c in CLAUSE_END.split(re.sub(r"[《》〈〉「」 ]", "", text)) if c]
 
 
 # ---- prompt formats: what goes around a title and a poem ----
@@ -194,27 +163,6 @@ class PretrainData:
 
 # ---- instruction tuning: <INS>instruction<INP>input<RES>answer<END> ----
 
-NUMBERING = re.compile(r"\s+第?[一二三四五六七八九十百〇零]+$")  # " 一", " 十二", " 第三": the nth poem of a set
-MEANINGLESS_TITLES = {"", "句", "失題"}  # say nothing about the poem, so they cannot teach title -> poem
-# one couplet: two clauses of 5 (or of 7) characters; the first ends in ， (or ？ ！), the second in 。 (or ？ ！)
-REGULAR_LINE = re.compile(r"^(?:[^，。？！\n]{5}[，？！][^，。？！\n]{5}[。？！]|[^，。？！\n]{7}[，？！][^，。？！\n]{7}[。？！])$")
-
-
-def clean_title(title):
-    """Drop numbering suffixes that carry no meaning: '帝京篇十首 一' -> '帝京篇十首'."""
-    title = title.strip()
-    while NUMBERING.search(title):
-        title = NUMBERING.sub("", title).strip()
-    return title
-
-
-def is_regular(text):
-    """絕句 or 律詩 in shape: 2 or 4 lines, each two clauses of 5 (or each of 7) characters ending in ， and 。
-    (a question or an exclamation may end a clause instead)."""
-    lines = text.split("\n")
-    return len(lines) in (2, 4) and all(REGULAR_LINE.match(line) for line in lines) and len({len(line) for line in lines}) == 1
-
-
 def render_sft(tokenizer, title, answer, fmt=TITLE_TO_POEM):
     """(ids, mask): the whole example as ids, and 1 where the id is one the model must learn to write
     (the answer and its <END>), 0 over the prompt. Token i is predicted from tokens before it."""
@@ -243,42 +191,12 @@ def sft_batch(examples, pad_id, train_on_prompt=False):
 
 
 class SFTData:
-    """Title -> poem examples from one split, rendered and filtered. counts says what was left out and why."""
+    """Rendered (ids, mask) examples (minigpt.tasks.task_data makes them from poems), drawn at random into batches.
+    counts says what was kept and what was left out, and why."""
 
-    def __init__(self, poems, tokenizer, block_size, regular_only=False, fmt=TITLE_TO_POEM):
-        self.examples, self.titles, self.answers = [], [], []
-        self.counts = {"poems": len(poems), "meaningless_title": 0, "not_regular": 0, "too_long": 0, "kept": 0}
-        for p in poems:
-            title = clean_title(p.title)
-            if title in MEANINGLESS_TITLES:
-                self.counts["meaningless_title"] += 1
-                continue
-            if regular_only and not is_regular(p.body):
-                self.counts["not_regular"] += 1
-                continue
-            ids, mask = render_sft(tokenizer, title, p.body, fmt)
-            if len(ids) > block_size + 1:  # dropped whole: a cut answer would teach an <END> in the wrong place
-                self.counts["too_long"] += 1
-                continue
-            self.examples.append((ids, mask))
-            self.titles.append(title)
-            self.answers.append(p.body)
-        self.counts["kept"] = len(self.examples)
-
-    def keep_only(self, predicate, reason):
-        """Keep the examples whose (title, answer) pass predicate; counts[reason] says how many went."""
-        kept = [i for i, (t, a) in enumerate(zip(self.titles, self.answers)) if predicate(t, a)]
-        self.counts[reason] = len(self.examples) - len(kept)
-        self.examples, self.titles, self.answers = ([xs[i] for i in kept] for xs in (self.examples, self.titles, self.answers))
-        self.counts["kept"] = len(self.examples)
+    def __init__(self, examples, counts):
+        self.examples, self.counts = examples, counts
 
     def get_batch(self, batch_size, pad_id, generator=None, train_on_prompt=False):
         picks = torch.randint(len(self.examples), (batch_size,), generator=generator).tolist()
         return sft_batch([self.examples[i] for i in picks], pad_id, train_on_prompt)
-
-    def val_batches(self, n_batches, batch_size, pad_id):
-        """The first n_batches * batch_size examples, in order: the same every eval. Loss on answers only."""
-        ex = self.examples[: n_batches * batch_size]
-        if not ex:
-            raise ValueError("no held-out example fits the context; use a larger block_size")
-        return [sft_batch(ex[i:i + batch_size], pad_id) for i in range(0, len(ex), batch_size)]

@@ -14,6 +14,7 @@ import unicodedata
 import torch
 
 from minigpt.data import PLAIN
+from minigpt.generate import stream
 from minigpt.sample import TitleError, check_title, load_pair, shown_conversion, to_simplified
 
 
@@ -44,22 +45,24 @@ def side_by_side(left, right, cols):
 
 
 class Writer:
-    """One model writing one text a token at a time (each step samples from its whole window again: slow for long
-    texts, but a demo's texts are short and every step is plain to read)."""
+    """One model writing one text, a token each step: minigpt.generate's stream with the KV cache, so each step reads
+    one new position. A stop of None (a base model's blank line is two tokens) lets it run to the cap."""
 
     def __init__(self, model, tokenizer, prompt, stop, cap, temperature, top_k, seed):
-        self.model, self.tokenizer, self.cap, self.temperature, self.top_k = model, tokenizer, cap, temperature, top_k
-        self.ids, self.text, self.done, self.stopped = tokenizer.encode(prompt), "", False, False
-        self.stop_id = tokenizer.stoi.get(stop)  # a base model's blank line is two tokens: it has no stop id
-        self.gen = torch.Generator(device=model.tok_emb.weight.device).manual_seed(seed)
-        model.eval()
+        self.tokenizer, self.cap, self.text, self.done, self.stopped = tokenizer, cap, "", False, False
+        self.stop_id = tokenizer.stoi.get(stop) if stop else None
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+        self.tokens = stream(model.eval(), [tokenizer.encode(prompt)], cap, temperature=temperature, top_k=top_k,
+                             stop_ids=[] if self.stop_id is None else [self.stop_id], pad_id=tokenizer.pad_id,
+                             generator=gen)
 
     def step(self):
         if self.done:
             return
-        new = self.model.generate([self.ids], 1, temperature=self.temperature, top_k=self.top_k,
-                                  pad_id=self.tokenizer.pad_id, generator=self.gen)[0][0]
-        self.ids.append(new)
+        _, (new,) = next(self.tokens, (None, (None,)))  # None: it wrote cap tokens
+        if new is None:
+            self.done = True
+            return
         if new == self.stop_id:
             self.done = self.stopped = True
             return

@@ -12,20 +12,22 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.data import PLAIN
-from minigpt.sample import TitleError, check_title, continue_texts, load_pair, shown_conversion, to_simplified
+from minigpt.generate import Sampling, write
+from minigpt.loss_eval import evaluating
+from minigpt.sample import TitleError, check_title, load_pair, shown_conversion, to_simplified
 
 
 @torch.no_grad()
 def end_probabilities(model, tokenizer, prompt, answer, end):
     """P(the model writes `end` next) after prompt + answer[:i], for i = 0 .. len(answer). `end` may be several
     tokens (the base model's blank line is two newlines): then the product of their probabilities, one after the other."""
-    model.eval()
     p_ids, a_ids, e_ids = (tokenizer.encode(t, unknown="unk") for t in (prompt, answer, end))
     contexts = [p_ids + a_ids[:i] + e_ids[:-1] for i in range(len(a_ids) + 1)]
     L = max(map(len, contexts))
     # right padding: causal attention never lets a real position see the padding after it
-    x = torch.tensor([c + [tokenizer.pad_id] * (L - len(c)) for c in contexts], device=model.tok_emb.weight.device)
-    logp = F.log_softmax(model(x)[0].float(), dim=-1)  # (N, L, V)
+    x = torch.tensor([c + [tokenizer.pad_id] * (L - len(c)) for c in contexts], device=model.device)
+    with evaluating(model):
+        logp = F.log_softmax(model(x)[0].float(), dim=-1)  # (N, L, V)
     out = []
     for n, c in enumerate(contexts):
         start = len(c) - len(e_ids)  # where the first end token would be predicted from
@@ -37,9 +39,9 @@ def end_probabilities(model, tokenizer, prompt, answer, end):
 def next_chars(model, tokenizer, text, temperatures=(0.5, 1.5), k=10):
     """For each temperature, the k likeliest next tokens after text as (token, probability), sampled as
     softmax(logits / temperature): a low temperature sharpens the distribution, a high one flattens it."""
-    model.eval()
-    ids = torch.tensor([tokenizer.encode(text, unknown="unk")], device=model.tok_emb.weight.device)
-    logits = model(ids)[0][0, -1].float()  # (V,)
+    ids = torch.tensor([tokenizer.encode(text, unknown="unk")], device=model.device)
+    with evaluating(model):
+        logits = model(ids)[0][0, -1].float()  # (V,)
     tops = {}
     for t in temperatures:
         p, i = F.softmax(logits / t, dim=-1).topk(k)
@@ -51,11 +53,11 @@ def next_chars(model, tokenizer, text, temperatures=(0.5, 1.5), k=10):
 def attention_maps(model, ids):
     """Attention weights of every layer and head for one sequence of ids: a tensor (n_layer, nh, T, T) whose row i
     says how much position i looks at each earlier position. Recomputed from each layer's input, as the model does."""
-    model.eval()
     inputs = []
     hooks = [b.attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in model.blocks]
     try:
-        model(torch.tensor([ids], device=model.tok_emb.weight.device))
+        with evaluating(model):
+            model(torch.tensor([ids], device=model.device))
     finally:
         for h in hooks:
             h.remove()
@@ -77,9 +79,7 @@ def explain(base, sft, tokenizer, sft_fmt, title, out_dir, position=None, temper
     os.makedirs(out_dir, exist_ok=True)
     prompt = sft_fmt.prompt(title)
     room = sft.config.block_size - len(tokenizer.encode(prompt, unknown="unk")) - 1
-    written = continue_texts(sft, tokenizer, [prompt], room, seed=seed, stop_ids=[tokenizer.stoi[sft_fmt.end]])[0]
-    stopped = written.endswith(sft_fmt.end)
-    answer = written.removesuffix(sft_fmt.end)
+    (answer, stopped), = write(sft, tokenizer, [prompt], room, stop=sft_fmt.end, sampling=Sampling(seed=seed))
     p_sft = end_probabilities(sft, tokenizer, prompt, answer, sft_fmt.end)
     p_base = end_probabilities(base, tokenizer, PLAIN.prompt(title), answer, PLAIN.end)
     # the chosen position: where the answer ends (the decision to stop), or `position` characters into it

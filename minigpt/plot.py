@@ -7,10 +7,17 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no window: works on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 
+from minigpt.metrics import BY_KEY, METRICS  # noqa: E402
+
 
 def read_log(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _percent(records, key):
+    """The key's value in each record as a percentage, NaN (a gap in the curve) where it is None."""
+    return [float("nan") if r.get(key) is None else 100 * r[key] for r in records]
 
 
 def plot_losses(log_path, png_path, title=None):
@@ -39,19 +46,14 @@ def _finish(fig, ax, ylabel, title, png_path):
     return png_path
 
 
-BEHAVIOUR = [("stop_rate", "stops at <END>", "C0", "-"), ("regular_rate", "regular shape", "C1", "-"),
-             ("run_on_rate", "runs on", "C2", "-"), ("relevance", "mentions its title", "C3", "-"),
-             ("relevance_shuffled", "mentions a shuffled title", "C3", "--"), ("rhyme_rate", "rhymes (of regular)", "C4", "-")]
-
-
 def plot_behaviour(log_path, png_path, title="instruction following over SFT steps"):
     """The behaviour rates measured at each eval (left) and the answer-only val loss (right)."""
     evals = [r for r in read_log(log_path) if r["kind"] == "eval" and "stop_rate" in r]
     steps = [r["step"] for r in evals]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label, colour, style in BEHAVIOUR:
-        ax.plot(steps, [float("nan") if r.get(key) is None else 100 * r[key] for r in evals], marker="o",
-                color=colour, linestyle=style, label=label)
+    for m in METRICS:
+        if m.plot:
+            ax.plot(steps, _percent(evals, m.key), marker="o", color=m.plot[0], linestyle=m.plot[1], label=m.plot[2])
     ax.set_xscale("symlog", linthresh=10)  # linear to step 10, logarithmic after: the first steps are the turn
     ax.set_xlabel("SFT step (log scale above 10)")
     ax.set_ylabel("% of val titles")
@@ -93,16 +95,16 @@ def plot_tasks(log_path, png_path, title="each task's compliance over SFT steps 
     return _finish(fig, ax, "% of val examples that comply", title, png_path)
 
 
-def plot_preferences(log_path, png_path, title="preference tuning (DPO), held-out pairs and val titles"):
-    """Left: preference accuracy on held-out pairs, and the rhyme and shape rates on val titles; right: the mean
-    reward margin (beta x the log-ratio gap between chosen and rejected) at each eval."""
+def plot_preferences(log_path, png_path, prefer_keys=("rhyme_rate",),
+                     title="preference tuning (DPO), held-out pairs and val titles"):
+    """Left: preference accuracy on held-out pairs, the preferred metrics (prefer_keys) and the shape and stop rates
+    on val titles; right: the mean reward margin (beta x the log-ratio gap between chosen and rejected) at each eval."""
     evals = [r for r in read_log(log_path) if r["kind"] == "eval" and "pref_accuracy" in r]
     steps = [r["step"] for r in evals]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label, colour in (("pref_accuracy", "preference accuracy (held-out pairs)", "C0"),
-                               ("rhyme_rate", "rhymes (of regular answers)", "C4"), ("regular_rate", "regular shape", "C1"),
-                               ("stop_rate", "stops at the end marker", "C2")):
-        ax.plot(steps, [float("nan") if r.get(key) is None else 100 * r[key] for r in evals], "o-", color=colour, label=label)
+    for key in ("pref_accuracy", *prefer_keys, "regular_rate", "stop_rate"):
+        colour, _, legend = BY_KEY[key].plot
+        ax.plot(steps, _percent(evals, key), "o-", color=colour, label=legend)
     ax.set_ylim(-3, 103)
     ax.set_xlabel("DPO step")
     ax.set_ylabel("%")

@@ -13,9 +13,8 @@ import functools
 import os
 import sys
 
-import torch
-
 from minigpt.data import CHAT_POEM, PLAIN, TITLE_TO_POEM
+from minigpt.generate import Sampling, write
 from minigpt.tokenizer import ROLE_TOKENS, SPECIAL_TOKENS
 
 
@@ -99,19 +98,8 @@ def answer_format(ckpt):
     preference-tuned one (the chat format's, if it was trained on that)."""
     if not fine_tuned(ckpt):
         return PLAIN
-    return CHAT_POEM if ckpt.get("format") == "chat" else TITLE_TO_POEM
-
-
-def continue_texts(model, tokenizer, prompts, max_new_tokens, temperature=0.8, top_k=50, top_p=None, seed=0, stop_ids=()):
-    """For each prompt string, the text the model writes after it (special tokens shown as they are)."""
-    gen = torch.Generator(device=model.tok_emb.weight.device).manual_seed(seed)
-    ids = [tokenizer.encode(p, unknown="warn") for p in prompts]
-    was_training = model.training
-    model.eval()
-    outs = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
-                          pad_id=tokenizer.pad_id, generator=gen)
-    model.train(was_training)
-    return [tokenizer.decode(o) for o in outs]
+    from minigpt.checkpoint import settings_of
+    return CHAT_POEM if settings_of(ckpt).get("format") == "chat" else TITLE_TO_POEM
 
 
 def main(argv=None):
@@ -138,15 +126,14 @@ def main(argv=None):
     except (CheckpointError, TitleError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    prompts = [fmt.prompt(t) for t in titles]
-    end = fmt.end if fmt.end in tokenizer.stoi else TITLE_TO_POEM.end  # a base model's blank line is no one id
-    answers = continue_texts(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                             args.seed, stop_ids=[tokenizer.stoi[end]])
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    answers = write(model, tokenizer, [fmt.prompt(t) for t in titles], args.max_new_tokens, stop=fmt.end,
+                    sampling=sampling, unknown="warn")  # a base model's blank line is no one id: it runs to the cap
     show = to_simplified if args.simplified else str
-    for typed, title, answer in zip(args.title, titles, answers):
+    for typed, title, (answer, stopped) in zip(args.title, titles, answers):
         converted = shown_conversion(typed, title)
-        print(f"【{show(title)}】{'  ' + converted if converted else ''}\n{show(answer.removesuffix(end))}")
-        print(f"(stopped at {end})\n" if answer.endswith(end) else f"(no {end} within {args.max_new_tokens} tokens)\n")
+        print(f"【{show(title)}】{'  ' + converted if converted else ''}\n{show(answer)}")
+        print(f"(stopped at {fmt.end})\n" if stopped else f"(no end within {args.max_new_tokens} tokens)\n")
     return answers
 
 

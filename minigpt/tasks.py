@@ -15,25 +15,15 @@ from typing import Callable
 
 import torch
 
-from minigpt.data import (CHAT_POEM, MEANINGLESS_TITLES, PUNCTUATION, TITLE_TO_POEM, SFTData, clauses,
-                          clean_title, is_regular, render, spread)
-from minigpt.evaluate import SAMPLING, complete, content_chars, first_poem, line_endings, runs_on
+from minigpt.data import CHAT_POEM, TITLE_TO_POEM, SFTData, render, spread
+from minigpt.generate import EVAL_SAMPLING, generate, write
+from minigpt.loss_eval import evaluating
+from minigpt.metrics import mentions_title, runs_on
+from minigpt.verse import (FORMS, MEANINGLESS_TITLES, PUNCTUATION, clauses, clean_title, content_chars, first_poem,
+                           form_of, is_regular, line_endings)
 
 # the chat format: roles as single ids; each task brings its instruction (CHAT_POEM, in data.py: today's title -> poem)
 CHAT = dataclasses.replace(CHAT_POEM, instruction="")
-
-# the four regular forms: characters per clause and couplets (lines); 絕句 has 2 couplets, 律詩 4
-FORMS = {"五言絕句": (5, 2), "七言絕句": (7, 2), "五言律詩": (5, 4), "七言律詩": (7, 4)}
-
-
-def form_of(text):
-    """The regular form of a poem (one of FORMS), or None if it has none."""
-    if not is_regular(text):
-        return None
-    lines = text.split("\n")
-    size = (len(clauses(lines[0])[0]), len(lines))
-    return next((name for name, s in FORMS.items() if s == size), None)
-
 
 @dataclass(frozen=True)
 class Example:
@@ -130,6 +120,14 @@ def _title_ok(title):
 
 def make_poem(title, body, groups):
     return ({}, title, body, None) if _title_ok(title) and is_regular(body) else None
+
+
+def make_any_poem(title, body, groups):
+    return ({}, title, body, None) if _title_ok(title) else None
+
+
+def make_relevant_poem(title, body, groups):
+    return make_poem(title, body, groups) if mentions_title(title, body) else None
 
 
 def make_form(title, body, groups):
@@ -248,6 +246,14 @@ TASKS = (
     Task("rhyme", RHYME_PHRASINGS, RHYME_HELD_OUT, make_rhyme, rhymes_with),
 )
 BY_NAME = {t.name: t for t in TASKS}
+SINGLE_POEM_DATA = {"regular": make_poem, "all": make_any_poem, "relevant": make_relevant_poem}
+
+
+def single_poem_task(data="regular"):
+    """Title -> poem with one fixed instruction, 請用以下題目寫一首詩 (the default SFT): the poem task in its first
+    phrasing. data: which poems answer (SINGLE_POEM_DATA: regular ones, all, or regular ones that name their title)."""
+    poem = BY_NAME["poem"]
+    return dataclasses.replace(poem, phrasings=poem.phrasings[:1], make=SINGLE_POEM_DATA[data])
 
 
 def parse_tasks(text):
@@ -293,19 +299,19 @@ def prompt_text(example, fmt=TITLE_TO_POEM):
     return f"{fmt.ins}{example.instruction}{fmt.inp}{example.input}{fmt.res}"
 
 
-class TaskData(SFTData):
-    """The tasks' training examples from one split, rendered with the loss on the answer and <END> only; an
-    example longer than the context is left out whole. counts: kept examples per task, and how many were too long."""
-
-    def __init__(self, poems, tokenizer, block_size, tasks, rhyme_groups, fmt=TITLE_TO_POEM):
-        self.examples, self.counts = [], collections.Counter()
-        for ex in examples(poems, tasks, rhyme_groups, fmt=fmt):
-            ids, mask = render(tokenizer, prompt_text(ex, fmt), ex.answer + fmt.end)
-            if len(ids) > block_size + 1:
-                self.counts["too_long"] += 1
-                continue
-            self.examples.append((ids, mask))
-            self.counts[ex.task] += 1
+def task_data(poems, tokenizer, block_size, tasks, rhyme_groups, fmt=TITLE_TO_POEM):
+    """The tasks' training examples from one split as SFTData, rendered with the loss on the answer and the end marker
+    only; an example longer than the context is left out whole (a cut answer would teach an end in the wrong place).
+    counts: the poems, the kept examples per task, and how many were too long."""
+    rendered, counts = [], collections.Counter(poems=len(poems))
+    for ex in examples(poems, tasks, rhyme_groups, fmt=fmt):
+        ids, mask = render(tokenizer, prompt_text(ex, fmt), ex.answer + fmt.end)
+        if len(ids) > block_size + 1:
+            counts["too_long"] += 1
+            continue
+        rendered.append((ids, mask))
+        counts[ex.task] += 1
+    return SFTData(rendered, dict(counts))
 
 
 def eval_examples(poems, tasks, rhyme_groups, n, tokenizer, block_size, held_out=False, fmt=TITLE_TO_POEM):
@@ -331,7 +337,7 @@ def measure_tasks(model, tokenizer, by_task, max_new_tokens=128, never_stops=Fal
     for name, exs in by_task.items():
         if exs:
             task = BY_NAME[name.split(":")[0]]
-            written = complete(model, tokenizer, [prompt_text(ex, fmt) for ex in exs], max_new_tokens, stop=fmt.end)
+            written = write(model, tokenizer, [prompt_text(ex, fmt) for ex in exs], max_new_tokens, stop=fmt.end)
             out[name] = score_written(written, exs, task, never_stops)
             if phrasings:
                 out[name]["phrasings"] = by_phrasing(written, exs, task)
@@ -395,30 +401,30 @@ def format_task_table(columns, note=""):
 def write_heads_in(model, tokenizer, exs, max_clause=10, fmt=TITLE_TO_POEM):
     """Acrostics by forced decoding, the reference for what the model writes when the program puts each head
     character in place: head, then the model's clause up to '，' or a line break, and so on; after the last head the
-    model writes until <END>. Returns (text, stopped) per example, like complete."""
-    gen = torch.Generator(device=model.tok_emb.weight.device).manual_seed(SAMPLING["seed"])
+    model writes until <END>. Returns (text, stopped) per example, like write."""
+    gen = torch.Generator(device=model.device).manual_seed(EVAL_SAMPLING.seed)
     breaks, end_id = [tokenizer.stoi[c] for c in "，\n" if c in tokenizer.stoi], tokenizer.stoi[fmt.end]
-    was_training = model.training
-    model.eval()
-    out = []
-    for ex in exs:
-        ids = tokenizer.encode(prompt_text(ex, fmt), unknown="unk")
-        start = len(ids)
-        for i, head in enumerate(ex.want):
-            ids = ids + tokenizer.encode(head, unknown="unk")
-            last = i == len(ex.want) - 1
-            stops = [end_id] if last else breaks + [end_id]
-            room = model.config.block_size - len(ids)
-            if room <= 0:
-                break
-            ids = ids + model.generate([ids], min(4 * max_clause if last else max_clause, room), stop_ids=stops,
-                                       temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], generator=gen)[0]
-            if ids[-1] == end_id:
-                break
-        stopped = ids[-1] == end_id
-        out.append((tokenizer.decode(ids[start:-1] if stopped else ids[start:]), stopped))
-    model.train(was_training)
-    return out
+    with evaluating(model):
+        return [_heads_written_in(model, tokenizer, ex, fmt, gen, breaks, end_id, max_clause) for ex in exs]
+
+
+def _heads_written_in(model, tokenizer, ex, fmt, gen, breaks, end_id, max_clause):
+    """One acrostic of write_heads_in."""
+    ids = tokenizer.encode(prompt_text(ex, fmt), unknown="unk")
+    start = len(ids)
+    for i, head in enumerate(ex.want):
+        ids = ids + tokenizer.encode(head, unknown="unk")
+        last = i == len(ex.want) - 1
+        stops = [end_id] if last else breaks + [end_id]
+        room = model.config.block_size - len(ids)
+        if room <= 0:
+            break
+        ids = ids + generate(model, [ids], min(4 * max_clause if last else max_clause, room), stop_ids=stops,
+                             temperature=EVAL_SAMPLING.temperature, top_k=EVAL_SAMPLING.top_k, generator=gen)[0]
+        if ids[-1] == end_id:
+            break
+    stopped = ids[-1] == end_id
+    return tokenizer.decode(ids[start:-1] if stopped else ids[start:]), stopped
 
 
 def task_columns(base, tokenizer, seen, held_out, models, max_new_tokens=128, fmt=TITLE_TO_POEM, phrasings=False):
@@ -442,9 +448,9 @@ TABLE_NOTE = ("form:unseen asks for the one form never asked for in training, �
 
 
 def main(argv=None):
-    from minigpt.checkpoint import CheckpointError, load_checkpoint
+    from minigpt.checkpoint import CheckpointError, load_checkpoint, settings_of
     from minigpt.data import DEFAULT_CORPUS, load_poems, split_poems
-    from minigpt.evaluate import Yardstick
+    from minigpt.metrics import Yardstick
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="runs/pretrain", help="pretrained run folder or checkpoint")
     p.add_argument("--single", help="a single-task (title -> poem) SFT run to compare, e.g. runs/sft")
@@ -464,16 +470,16 @@ def main(argv=None):
         if any(tok.itos != models[-1][1][1].itos or tok.with_roles().itos != tokenizer.with_roles().itos
                for _, (_, tok, _) in models):
             raise CheckpointError("the checkpoints have different vocabularies; compare checkpoints of one lineage")
-        tasks = parse_tasks(args.tasks or models[-1][1][2].get("tasks", "poem"))
+        tasks = parse_tasks(args.tasks or settings_of(models[-1][1][2]).get("tasks", "poem"))
         splits = split_poems(load_poems(args.corpus))
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     groups, T = Yardstick(splits["train"]).rhyme_groups, base.config.block_size
-    fmt = CHAT if models[-1][1][2].get("format") == "chat" else TITLE_TO_POEM
+    fmt = CHAT if settings_of(models[-1][1][2]).get("format") == "chat" else TITLE_TO_POEM
     tokenizer = models[-1][1][1]  # with the role markers, for a chat model; the base model gets them too
     if base.config.vocab_size != tokenizer.vocab_size:
-        from minigpt.model import grow_vocab
+        from minigpt.checkpoint import grow_vocab
         base = grow_vocab(base, tokenizer.vocab_size)
     seen = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T, fmt=fmt)
     held = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T, held_out=True, fmt=fmt)

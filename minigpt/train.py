@@ -1,9 +1,10 @@
-"""The one training loop, shared by every stage: pretraining, instruction tuning and any stage to come.
+"""The one training loop, shared by every stage: pretraining, instruction tuning and preference tuning.
 
 Read `train_step` and the loop in `train` first: they are the textbook loop (batch, forward, backward, clip, step).
 A stage supplies its batches, its loss (`lm_loss` unless it brings its own) and its hooks. Everything after
-`train` is machinery a first reading can skip: the LR schedule and time budget, eval, the log and checkpoints
-(`Run`), signals, and several processes under torchrun (`Processes`).
+`train` is machinery a first reading can skip, each job in a part of its own: the LR schedule and the time budget
+(`Clock`), the log (`Log`), evals and checkpoints (`Run`), signals (`Signals`), and several processes under
+torchrun (`Processes`).
 """
 import contextlib
 import json
@@ -21,26 +22,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from minigpt.checkpoint import replace_durably, save_checkpoint
+from minigpt.loss_eval import evaluate_loss
 from minigpt.model import IGNORE_INDEX
-from minigpt.plot import plot_losses
 
 
-def train_step(model, opt, batch, loss_fn, grad_clip, procs, autocast=contextlib.nullcontext):
-    """One step of gradient descent on one batch; returns the loss (the same value in every process)."""
+def train_step(model, opt, batch, loss_fn, grad_clip, autocast=contextlib.nullcontext):
+    """One step of gradient descent on one batch; returns the loss."""
     with autocast():
-        loss, count = loss_fn(model, batch)  # the stage's loss: a mean over `count` trained tokens (or pairs)
-    loss = loss * procs.share(count)  # one process: x1; several: their average becomes the mean over all their tokens
+        loss = loss_fn(model, batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()  # the gradients (under DDP, averaged over the processes as they are computed)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # one huge gradient cannot throw the weights far
     opt.step()
-    return procs.mean(loss.detach())
+    return loss.detach()
 
 
 def lm_loss(model, batch):
     """The language-model loss of pretraining and SFT: cross-entropy of each next token, averaged over the
-    targets that count (SFT's mask sets the rest to IGNORE_INDEX)."""
+    targets that count (SFT's mask sets the rest to IGNORE_INDEX). Returns (mean, how many targets it averages)."""
     x, y = batch
     _, loss = model(x, y)
     return loss, (y != IGNORE_INDEX).sum()
@@ -50,7 +50,7 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
           device="cpu", resume_from=None, loss_fn=lm_loss):
     """Train model in place; returns the last eval record.
 
-    get_batch(generator) -> a tuple of tensors with one row per example (lm_loss: (x, y)), the whole batch;
+    get_batch(generator) -> the whole batch, a tuple of tensors with one row per example (lm_loss: (x, y));
     val_batches: a fixed list of (x, y); checkpoint_extra: dict stored in every checkpoint (configs, tokenizer, stage);
     sample(model, step) -> dict of samples to log; metrics(model, step) -> dict added to each eval record;
     on_event(record) sees every log record; resume_from: a checkpoint dict of this run to continue;
@@ -62,23 +62,24 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
     data_gen = torch.Generator().manual_seed(cfg.seed)  # the same data order in every process: each takes its rows
     model.to(device).train()
     opt = make_optimizer(model, cfg)
-    run = Run(cfg, procs, model, opt, data_gen, out_dir, checkpoint_extra, val_batches, sample, metrics, on_event,
-              resume_from)
+    run = Run(cfg, procs, model, opt, data_gen, out_dir, checkpoint_extra, Evals(val_batches, sample, metrics, cfg),
+              on_event, resume_from)
     step_model = procs.wrap(model)  # DDP averages the gradients of all processes in backward()
     if cfg.compile:
         step_model = CompiledOrNot(step_model)
-    amp = autocast_dtype(cfg.dtype, device)  # eval and sampling stay in float32
-
-    def autocast():
-        return torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None)
+    step_loss = procs.weighted(loss_fn)  # one process: the stage's loss as it is
+    autocast = make_autocast(cfg.dtype, device)  # eval and sampling stay in float32
 
     with run:  # catches Ctrl-C and SIGTERM, shows a progress bar, closes the log
         if resume_from is None:
             run.evaluate_and_save()  # step 0: what the model does before any training
-        while run.going():  # the progress (steps or time) is below 1 and no signal came
-            lr = run.set_lr(opt)
+        while True:
+            progress = run.progress_or_stop()  # steps or time, from 0 to 1; a signal saves a checkpoint and stops
+            if progress >= 1:
+                break
+            lr = run.set_lr(progress)
             batch = procs.rows(get_batch(data_gen))
-            loss = train_step(step_model, opt, batch, loss_fn, cfg.grad_clip, procs, autocast)
+            loss = procs.mean(train_step(step_model, opt, batch, step_loss, cfg.grad_clip, autocast))
             run.after_step(loss.item(), lr, batch[0].numel() * procs.world)  # log, eval, checkpoint
         run.finish()
     return run.last_eval
@@ -140,20 +141,6 @@ def lr_at(step, progress, cfg, warm_progress=0.0):
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
 
 
-@torch.no_grad()
-def evaluate_loss(model, batches, device):
-    """The mean loss per counted target over all batches (a batch with more counted targets weighs more)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        n = int((y != IGNORE_INDEX).sum())
-        total += model(x.to(device), y.to(device))[1].item() * n
-        count += n
-    model.train(was_training)
-    return total / count
-
-
 class TrainingStopped(Exception):
     """Training ended early: interrupted (a checkpoint was saved) or diverged (the last good one is kept)."""
 
@@ -162,78 +149,163 @@ class TrainingStopped(Exception):
         self.out_dir, self.exit_code, self.resumable = out_dir, exit_code, resumable
 
 
-class Run:
-    """A run's state between steps: the schedule's clock, the log, evals, checkpoints and signals.
-    Every process keeps one; only process 0 writes. Whatever ends or times the run is agreed by all processes."""
+class Clock:
+    """The schedule's progress from 0 to 1: the larger of steps / max_steps and time / budget. The budget keeps a
+    reserve at its end for the last eval (as long as the longest eval so far, at most a quarter of the budget)."""
 
-    def __init__(self, cfg, procs, model, opt, data_gen, out_dir, extra, val_batches, sample, metrics, on_event,
-                 resume_from):
-        self.cfg, self.procs, self.model, self.opt, self.data_gen, self.out_dir, self.extra = (
-            cfg, procs, model, opt, data_gen, out_dir, extra)
-        self.val_batches, self.sample, self.metrics, self.on_event = val_batches, sample, metrics, on_event
+    def __init__(self, cfg):
+        self.cfg, self.budget = cfg, cfg.max_minutes * 60
+        self.t_start, self.reserve, self.warm_progress = time.time(), 0.0, None
+
+    def progress(self, step):
+        """This process's own progress at step."""
+        by_time = (time.time() - self.t_start) / max(self.budget - self.reserve, 1e-9) if self.budget else 0.0
+        return max(step / self.cfg.max_steps, by_time)
+
+    def lr(self, step, progress):
+        if step == self.cfg.warmup_steps and self.warm_progress is None:
+            self.warm_progress = progress  # the cosine starts at its top from here
+        return lr_at(step, progress, self.cfg, self.warm_progress or 0.0)
+
+    def reserve_for(self, eval_seconds):
+        """The reserve once an eval took eval_seconds."""
+        return min(max(self.reserve, eval_seconds), self.budget / 4)
+
+    def state(self):
+        return {"elapsed_s": time.time() - self.t_start, "reserve": self.reserve, "warm_progress": self.warm_progress}
+
+    def restore(self, ckpt):
+        self.t_start = time.time() - ckpt["elapsed_s"]  # the time budget counts the time before the interruption
+        self.reserve, self.warm_progress = ckpt["reserve"], ckpt.get("warm_progress")
+
+
+class Log:
+    """log.jsonl, one JSON record a line, written by process 0 alone; on_event sees every record too."""
+
+    def __init__(self, path, lead, on_event):
+        self.path, self.lead, self.on_event, self.file = path, lead, on_event, None
+
+    def open(self, resumed_at=None):
+        """A new log, or (resumed_at a step) the old one cut back to that step's records and continued."""
+        if not self.lead:
+            return
+        if resumed_at is not None:
+            keep_log_until(self.path, resumed_at)
+        self.file = open(self.path, "a" if resumed_at is not None else "w", encoding="utf-8")
+
+    def emit(self, record):
+        if not self.lead:
+            return
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+        if self.on_event:
+            self.on_event(record)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+class Signals:
+    """Ctrl-C and SIGTERM noted instead of ending the process at once, so that the run saves a checkpoint first
+    (handlers can only be set in the main thread; elsewhere the defaults stay)."""
+
+    def __init__(self):
+        self.caught, self.handlers = [], {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.handlers[sig] = signal.signal(sig, lambda signum, frame: self.caught.append(signum))
+
+    def uninstall(self):
+        for sig, old in self.handlers.items():
+            signal.signal(sig, old)
+
+    def stopped(self, step, ckpt_path, out_dir):
+        """The TrainingStopped to raise: the signal's name and the exit status a shell expects (128 + its number)."""
+        name = signal.Signals(self.caught[0]).name if self.caught else "a signal to another process"
+        return TrainingStopped(f"{name} at step {step}: checkpoint saved in {ckpt_path}", out_dir,
+                               exit_code=128 + (self.caught[0] if self.caught else signal.SIGTERM))
+
+
+class Evals:
+    """What an eval measures, and at which steps: the val loss, the stage's metrics and (when due) its samples."""
+
+    def __init__(self, val_batches, sample, metrics, cfg):
+        self.val_batches, self.sample, self.metrics, self.cfg = val_batches, sample, metrics, cfg
+
+    def due(self, step):
+        """Every eval_every and sample_every steps, and at the early ones."""
+        return self.early(step) or step % self.cfg.eval_every == 0 or step % self.cfg.sample_every == 0
+
+    def early(self, step):
+        """With early_evals, the log-spaced steps before the first regular eval (they get samples too)."""
+        return self.cfg.early_evals and step in early_eval_steps(self.cfg.eval_every)
+
+    def measure(self, model, step, device):
+        out = {"val_loss": evaluate_loss(model, self.val_batches, device)}
+        return {**out, **(self.metrics(model, step) if self.metrics is not None else {})}
+
+    def samples(self, model, step, last):
+        """The samples record, when this eval has samples (and the stage makes them), else None."""
+        if self.sample is None or not (step % self.cfg.sample_every == 0 or self.early(step) or last):
+            return None
+        return {"kind": "sample", "step": step, **self.sample(model, step)}
+
+
+class Run:
+    """A run between its steps: the count, the log line, evals, checkpoints, resume and the end. Every process keeps
+    one; only process 0 writes. Whatever ends or times the run is agreed by all processes."""
+
+    def __init__(self, cfg, procs, model, opt, data_gen, out_dir, extra, evals, on_event, resume_from):
+        self.cfg, self.procs, self.model, self.opt, self.data_gen, self.out_dir, self.extra, self.evals = (
+            cfg, procs, model, opt, data_gen, out_dir, extra, evals)
         os.makedirs(out_dir, exist_ok=True)
-        self.ckpt_path, self.log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
-        self.budget = cfg.max_minutes * 60
-        self.step, self.tokens, self.window, self.t_window, self.progress = 0, 0, [], 0.0, 0.0
-        self.reserve, self.warm_progress, self.last_eval, self.saved_step = 0.0, None, None, None
-        self.t_start, self.t_step, self.signals, self.handlers, self.bar, self.log = time.time(), 0.0, [], {}, None, None
+        self.ckpt_path = os.path.join(out_dir, "ckpt.pt")
+        self.clock, self.signals = Clock(cfg), Signals()
+        self.log = Log(os.path.join(out_dir, "log.jsonl"), procs.lead, on_event)
+        self.step, self.tokens, self.window, self.t_window, self.t_step, self.progress = 0, 0, [], 0.0, 0.0, 0.0
+        self.last_eval, self.saved_step, self.bar = None, None, None
         if resume_from is not None:
             self.resume(resume_from)
 
     def resume(self, ckpt):
-        """Everything comes from the checkpoint, in every process; process 0 also cuts the log back to its step."""
+        """Everything comes from the checkpoint, in every process."""
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.procs.set_rng_state(ckpt["rng"], self.cfg.seed + ckpt["step"])
         self.data_gen.set_state(ckpt["rng"]["data"].cpu())
-        self.step, self.tokens, self.reserve = ckpt["step"], ckpt["tokens"], ckpt["reserve"]
-        self.t_start = time.time() - ckpt["elapsed_s"]  # the time budget counts the time before the interruption
-        self.warm_progress = ckpt.get("warm_progress")
+        self.clock.restore(ckpt)
+        self.step, self.tokens, self.saved_step = ckpt["step"], ckpt["tokens"], ckpt["step"]
         self.window = list(ckpt["window"])  # losses since the last log line, so that line comes out the same
         self.last_eval = ckpt.get("last_eval") or {"kind": "eval", "step": -1, "val_loss": ckpt.get("val_loss")}
-        self.saved_step = ckpt["step"]
-        if self.procs.lead:
-            keep_log_until(self.log_path, self.step)
 
     def __enter__(self):
-        if self.procs.lead:
-            self.log = open(self.log_path, "a" if self.saved_step is not None else "w", encoding="utf-8")
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.handlers[sig] = signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        self.log.open(resumed_at=self.saved_step)
+        self.signals.install()
         self.bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.extra.get("stage", "train"),
                         unit="step", dynamic_ncols=True, disable=not self.procs.lead)
         return self
 
     def __exit__(self, *exc):
         self.bar.close()
-        if self.log is not None:
-            self.log.close()
-        for sig, old in self.handlers.items():
-            signal.signal(sig, old)
+        self.log.close()
+        self.signals.uninstall()
 
-    def clock(self):
-        """This process's own progress, from 0 to 1: the larger of steps / max_steps and time / budget."""
-        by_time = (time.time() - self.t_start) / max(self.budget - self.reserve, 1e-9) if self.budget else 0.0
-        return max(self.step / self.cfg.max_steps, by_time)
-
-    def going(self):
-        """True while the run goes on. The progress and a signal are agreed by all processes (the largest wins),
-        so that every one of them uses the same LR and stops at the same step. A signal saves and stops."""
-        self.progress, signalled = self.procs.largest(self.clock(), float(bool(self.signals)))
+    def progress_or_stop(self):
+        """The progress, agreed by all processes (the largest wins, so that every one of them uses the same LR and
+        stops at the same step). A signal to any of them saves a checkpoint and raises TrainingStopped."""
+        self.progress, signalled = self.procs.largest(self.clock.progress(self.step), float(bool(self.signals.caught)))
         if signalled:
             self.save()
-            name = signal.Signals(self.signals[0]).name if self.signals else "a signal to another process"
-            raise TrainingStopped(f"{name} at step {self.step}: checkpoint saved in {self.ckpt_path}", self.out_dir,
-                                  exit_code=128 + (self.signals[0] if self.signals else signal.SIGTERM))
+            raise self.signals.stopped(self.step, self.ckpt_path, self.out_dir)
         self.t_step = time.time()  # the step's own time, for tokens per second
-        return self.progress < 1
+        return self.progress
 
-    def set_lr(self, opt):
-        if self.step == self.cfg.warmup_steps and self.warm_progress is None:
-            self.warm_progress = self.progress  # the cosine starts at its top from here
-        lr = lr_at(self.step, self.progress, self.cfg, self.warm_progress or 0.0)
-        for group in opt.param_groups:
+    def set_lr(self, progress):
+        lr = self.clock.lr(self.step, progress)
+        for group in self.opt.param_groups:
             group["lr"] = lr
         return lr
 
@@ -249,39 +321,24 @@ class Run:
         self.window.append(loss)
         self.t_window += time.time() - self.t_step
         self.bar.update(1)
-        if self.budget and self.progress > self.step / self.cfg.max_steps:  # the clock ends it: show its estimated length
+        if self.clock.budget and self.progress > self.step / self.cfg.max_steps:  # the clock ends it: its estimated length
             self.bar.total = max(self.step, round(self.step / max(self.progress, 1e-9)))
         if self.step % self.cfg.log_every == 0:
-            mean, rate = sum(self.window) / len(self.window), len(self.window) * n_tokens / max(self.t_window, 1e-9)
-            self.emit({"kind": "train", "step": self.step, "loss": mean, "lr": lr, "tok_per_s": round(rate)})
-            self.bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
-            self.window, self.t_window = [], 0.0
-        if self.eval_due(self.step):
+            self._log_line(lr, n_tokens)
+        if self.evals.due(self.step):
             self.evaluate_and_save()
 
-    def eval_due(self, step):
-        """Every eval_every and sample_every steps, and at the early ones."""
-        return self.early(step) or step % self.cfg.eval_every == 0 or step % self.cfg.sample_every == 0
-
-    def early(self, step):
-        """With early_evals, the log-spaced steps before the first regular eval (they get samples too)."""
-        return self.cfg.early_evals and step in early_eval_steps(self.cfg.eval_every)
+    def _log_line(self, lr, n_tokens):
+        """The mean loss and the speed since the last log line."""
+        mean, rate = sum(self.window) / len(self.window), len(self.window) * n_tokens / max(self.t_window, 1e-9)
+        self.log.emit({"kind": "train", "step": self.step, "loss": mean, "lr": lr, "tok_per_s": round(rate)})
+        self.bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
+        self.window, self.t_window = [], 0.0
 
     def finish(self):
-        """The last eval (unless the last step had one), then the loss plot."""
+        """The last eval, unless the last step had one."""
         if self.last_eval["step"] != self.step:
             self.evaluate_and_save()
-        if self.procs.lead:
-            plot_losses(self.log_path, os.path.join(self.out_dir, "loss.png"),
-                        title=f"{self.extra.get('stage', 'training')}: loss")
-
-    def emit(self, record):
-        if not self.procs.lead:
-            return
-        self.log.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.log.flush()
-        if self.on_event:
-            self.on_event(record)
 
     def evaluate_and_save(self):
         """Process 0 measures the val loss (and the stage's metrics, and samples when due) and logs them; then
@@ -289,16 +346,14 @@ class Run:
         t = time.time()
         self.last_eval = {"kind": "eval", "step": self.step}
         if self.procs.lead:
-            self.last_eval.update({"val_loss": evaluate_loss(self.model, self.val_batches, self.procs.device),
-                                   "elapsed_s": round(t - self.t_start, 1), "tokens": self.tokens})
-            if self.metrics is not None:
-                self.last_eval.update(self.metrics(self.model, self.step))
-            self.emit(self.last_eval)
-            if self.sample is not None and (self.step % self.cfg.sample_every == 0 or self.early(self.step)
-                                            or self.clock() >= 1):
-                self.emit({"kind": "sample", "step": self.step, **self.sample(self.model, self.step)})
-        # keep time at the end of the budget for the last eval (at most a quarter of the budget)
-        self.reserve = self.procs.largest(min(max(self.reserve, time.time() - t), self.budget / 4))[0]
+            measured = self.evals.measure(self.model, self.step, self.procs.device)
+            self.last_eval.update({"val_loss": measured.pop("val_loss"), "elapsed_s": round(t - self.clock.t_start, 1),
+                                   "tokens": self.tokens, **measured})
+            self.log.emit(self.last_eval)
+            samples = self.evals.samples(self.model, self.step, last=self.clock.progress(self.step) >= 1)
+            if samples is not None:
+                self.log.emit(samples)
+        self.clock.reserve = self.procs.largest(self.clock.reserve_for(time.time() - t))[0]
         self.save()
 
     def save(self):
@@ -307,12 +362,10 @@ class Run:
         if self.procs.lead:
             save_checkpoint(self.ckpt_path, {
                 **self.extra, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "train_config": asdict(self.cfg), "step": self.step, "tokens": self.tokens,
-                "elapsed_s": time.time() - self.t_start, "reserve": self.reserve, "window": list(self.window),
-                "warm_progress": self.warm_progress, "last_eval": json.loads(json.dumps(self.last_eval)),
+                "train_config": asdict(self.cfg), "step": self.step, "tokens": self.tokens, **self.clock.state(),
+                "window": list(self.window), "last_eval": json.loads(json.dumps(self.last_eval)),
                 "val_loss": self.last_eval.get("val_loss"), "rng": {**rng, "data": self.data_gen.get_state()}})
         self.saved_step = self.step
-
 
 def early_eval_steps(eval_every):
     """The steps 10, 25, 50, 100, 250, 500, ... that come before eval_every: evals spaced out logarithmically."""
@@ -379,17 +432,24 @@ class Processes:
         return DDP(model) if self.world > 1 else model
 
     def rows(self, batch):
-        """This process's rows of the whole batch, on its device."""
-        return tuple(t[self.rank::self.world].to(self.device) for t in batch)
+        """This process's rows of the whole batch (a tuple of tensors, or a named one with fields left None), on its
+        device."""
+        rows = (None if t is None else t[self.rank::self.world].to(self.device) for t in batch)
+        return batch._make(rows) if hasattr(batch, "_make") else tuple(rows)
 
-    def share(self, count):
-        """The weight of this process's mean loss: its count over the mean count of all processes. DDP averages
-        the gradients, so the weighted means average to the loss over all counted targets of the global batch."""
+    def weighted(self, loss_fn):
+        """The stage's loss_fn(model, batch) -> (mean, count) as the step's loss. One process: the mean. Several: each
+        one's mean times its count over the mean count of all processes; DDP averages the gradients, so these average
+        to the loss over all counted targets of the global batch."""
         if self.world == 1:
-            return 1.0
-        total = count.detach().to(torch.float32).clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return count.to(torch.float32) * self.world / total
+            return lambda model, batch: loss_fn(model, batch)[0]
+
+        def share_of_all(model, batch):
+            loss, count = loss_fn(model, batch)
+            total = count.detach().to(torch.float32).clone()
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            return loss * (count.to(torch.float32) * self.world / total)
+        return share_of_all
 
     def mean(self, value):
         if self.world == 1:
@@ -448,6 +508,12 @@ def cpu_has_bfloat16():
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def make_autocast(name, device):
+    """A function that opens the autocast context for training steps (a no-op in float32)."""
+    amp = autocast_dtype(name, device)
+    return lambda: torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None)
 
 
 def autocast_dtype(name, device):

@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from minigpt.data import (PLAIN, TITLE_TO_POEM, CorpusError, Poem, PretrainData, SFTData, clean_title, is_regular,
-                          clauses, leak, load_poems, poem_groups, render_sft, sft_batch, split_poems)
+from minigpt.data import (PLAIN, TITLE_TO_POEM, CorpusError, Poem, PretrainData, clauses, leak, load_poems, poem_groups,
+                          render_sft, sft_batch, split_poems)
+from minigpt.verse import MEANINGLESS_TITLES, clean_title, is_regular
 from minigpt.model import GPT, IGNORE_INDEX
 
 from conftest import FIXTURE_CORPUS
@@ -73,23 +74,6 @@ def test_bad_corpus_lines_are_named(tmp_path):
         load_poems(str(truncated))
 
 
-def test_titles_lose_numbering_only():
-    assert clean_title("帝京篇十首 一") == "帝京篇十首"
-    assert clean_title("雜詩 第三") == "雜詩"
-    assert clean_title("秋興八首 十二") == "秋興八首"
-    assert clean_title("郊廟歌辭 享太廟樂章 雍和") == "郊廟歌辭 享太廟樂章 雍和"
-    assert clean_title("十五夜望月") == "十五夜望月"
-
-
-def test_regular_form():
-    assert is_regular("白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。")
-    assert is_regular("\n".join(["朝辭白帝彩雲間，千里江陵一日還。"] * 4))
-    assert not is_regular("白日依山盡，黃河入海流。")  # one line
-    assert not is_regular("白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓")  # no closing 。
-    assert not is_regular("白日依山盡，黃河入海流。\n朝辭白帝彩雲間，千里江陵一日還。")  # 5 and 7 mixed
-    assert not is_regular("白日依山盡，黃河入海流。\n\n欲窮千里目，更上一層樓。")
-    assert is_regular("借問酒家何處有？牧童遙指杏花村。\n清明時節雨紛紛，路上行人欲斷魂！")  # ？ and ！ end clauses too
-    assert not is_regular("白日依山盡黃河入海流。\n欲窮千里目，更上一層樓。")
 
 
 def test_sft_example_format_and_mask(tokenizer):
@@ -129,13 +113,16 @@ def test_padded_batch_gives_the_same_loss_as_examples_one_by_one(tokenizer, tiny
 
 
 def test_sft_data_leaves_out_meaningless_titles_and_what_does_not_fit(splits, tokenizer):
-    data = SFTData(splits["train"], tokenizer, block_size=64)
-    assert data.counts["meaningless_title"] >= 3 and data.counts["too_long"] > 0
-    assert data.counts["kept"] + data.counts["meaningless_title"] + data.counts["too_long"] == len(splits["train"])
+    from minigpt.tasks import single_poem_task, task_data
+    train = splits["train"]
+    data = task_data(train, tokenizer, 64, [single_poem_task("all")], {})
+    meaningless = sum(clean_title(p.title) in MEANINGLESS_TITLES for p in train)
+    assert meaningless >= 3 and data.counts["too_long"] > 0
+    assert data.counts["poem"] + meaningless + data.counts["too_long"] == len(train) == data.counts["poems"]
     assert all(len(ids) <= 65 and ids[-1] == tokenizer.end_id for ids, _ in data.examples)
-    assert not {"", "句", "失題"} & set(data.titles)
-    regular = SFTData(splits["train"], tokenizer, block_size=64, regular_only=True)
-    assert regular.counts["not_regular"] > 0 and all(is_regular(a) for a in regular.answers)
+    regular = task_data(train, tokenizer, 64, [single_poem_task("regular")], {})
+    answers = [tokenizer.decode([i for i, m in zip(ids, mask) if m][:-1]) for ids, mask in regular.examples]
+    assert 0 < len(answers) < data.counts["poem"] and all(is_regular(a) for a in answers)
 
 
 @pytest.mark.slow

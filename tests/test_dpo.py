@@ -7,9 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import dpo
+from minigpt import pairs as pairing
 from minigpt.data import TITLE_TO_POEM, render, sft_batch
-from minigpt.dpo import (PREFERENCES, Pair, dpo_loss, ending_pairs, fill_reference, gate, judge, make_pairs, mark_endings,
-                         pair_batch, pair_up, preference_metrics)
+from minigpt.dpo import dpo_loss, fill_reference, pair_batch, preference_metrics
+from minigpt.metrics import PREFERENCES, mark
+from minigpt.pairs import Pair, ending_pairs, gate, judge, make_pairs, pair_up
+from minigpt.verse import ending_places
 from minigpt.model import GPT, IGNORE_INDEX, GPTConfig
 from minigpt.tasks import Example
 from minigpt.tokenizer import CharTokenizer
@@ -48,7 +51,7 @@ def test_the_gates_and_the_preference_on_hand_made_answers():
 def test_pairs_follow_the_checker(monkeypatch, model, chars):
     written = {"rhyming and a near miss": [(RHYMES, True), (NO_RHYME, True), ("亂寫", True), (RHYMES, True)],
                "all fail": [(NO_RHYME, True), ("亂寫", False), (NO_RHYME, True), ("亂", True)]}
-    monkeypatch.setattr(dpo, "complete", lambda m, tok, prompts, *a, **k: [w for ws in written.values() for w in ws])
+    monkeypatch.setattr(pairing, "write", lambda m, tok, prompts, *a, **k: [w for ws in written.values() for w in ws])
     exs = [Example("poem", TITLE_TO_POEM.instruction, "登樓", ""), Example("poem", TITLE_TO_POEM.instruction, "登樓", "")]
     pairs, counts = make_pairs(model, chars, exs, YARD, PREFERENCES["rhyme"], samples=4, per_prompt=2, shared_start=False)
     # the one passing answer (written twice, counted once) against the near miss first, then against the scrawl
@@ -72,7 +75,7 @@ def test_the_samples_of_a_prompt_share_its_first_couplet(monkeypatch, model, cha
         if len(asked) == 1:  # one whole answer per prompt: its first line starts every sample
             return [(RHYMES, True)]
         return [(second, True), (NO_RHYME.split("\n")[1].replace("樓", "深"), True)]
-    monkeypatch.setattr(dpo, "complete", complete)
+    monkeypatch.setattr(pairing, "write", complete)
     pairs, _ = make_pairs(model, chars, [POEM], YARD, PREFERENCES["rhyme"], samples=2, per_prompt=1)
     assert asked[1] == [TITLE_TO_POEM.prompt("登樓") + first + "\n"] * 2
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [(TITLE_TO_POEM.prompt("登樓"), RHYMES, first + "\n欲窮千里目，更上一層深。")]
@@ -87,7 +90,7 @@ def test_ending_pairs_differ_at_one_line_ending_and_follow_the_checker(monkeypat
     written = [(RHYMES, True), (broken, True), ("亂寫", True), (RHYMES, False), (LUSHI, True)]
     chars = CharTokenizer(LUSHI + broken + "亂寫" + TITLE_TO_POEM.instruction + "登樓")
     model = GPT(GPTConfig(vocab_size=chars.vocab_size, block_size=128, n_layer=1, n_head=1, n_embd=16))
-    monkeypatch.setattr(dpo, "complete", lambda m, tok, prompts, *a, **k: written[:len(prompts)])
+    monkeypatch.setattr(pairing, "write", lambda m, tok, prompts, *a, **k: written[:len(prompts)])
     pairs, counts = ending_pairs(model, chars, [POEM] * len(written), yard, per_prompt=2, top_k=1000)
     rhyming = yard.rhyme_groups.keys() - {"深"}
     assert counts["not what the task asks"] == 1 and counts["no end marker"] == 1  # gates first: no pair from those
@@ -95,7 +98,7 @@ def test_ending_pairs_differ_at_one_line_ending_and_follow_the_checker(monkeypat
         assert judge(p.chosen, True, POEM, yard, PREFERENCES["rhyme"]) == ""
         assert judge(p.rejected, True, POEM, yard, PREFERENCES["rhyme"]) == "not rhyme"
         differ = [i for i, (a, b) in enumerate(zip(p.chosen, p.rejected)) if a != b]
-        assert len(p.chosen) == len(p.rejected) and len(differ) == 1 and differ[0] in dpo.ending_places(p.chosen)
+        assert len(p.chosen) == len(p.rejected) and len(differ) == 1 and differ[0] in ending_places(p.chosen)
         assert p.chosen[differ[0]] in rhyming and p.rejected[differ[0]] not in rhyming
     # each 絕句 gives its one pair at line 2, the rest of what the model wrote kept on both sides
     for p, source in zip(pairs, (RHYMES, broken)):
@@ -107,7 +110,7 @@ def test_ending_pairs_differ_at_one_line_ending_and_follow_the_checker(monkeypat
     assert counts["pairs"] == len(pairs) == 4 and counts["prompts_with_a_pair"] == 3
     # an answer whose first two endings do not rhyme gives nothing after them
     lost = LUSHI.replace("樓", "深")
-    monkeypatch.setattr(dpo, "complete", lambda m, tok, prompts, *a, **k: [(lost, True)])
+    monkeypatch.setattr(pairing, "write", lambda m, tok, prompts, *a, **k: [(lost, True)])
     pairs, _ = ending_pairs(model, chars, [POEM], yard, per_prompt=3, top_k=1000)
     assert [p.chosen for p in pairs] == [LUSHI]  # line 2 mended to 樓 (秋 and 舟 are taken); none at lines 3 and 4
 
@@ -139,7 +142,7 @@ def test_a_held_preference_is_never_worked_against():
 
 def test_the_prompt_is_masked_and_a_run_on_has_no_end_marker(chars):
     pair = Pair("poem", TITLE_TO_POEM.prompt("登樓"), RHYMES, NO_RHYME, "no end marker", rejected_stopped=False)
-    xc, yc, xr, yr, _, _ = pair_batch([pair], chars)
+    xc, yc, xr, yr = pair_batch([pair], chars)[:4]
     assert xc.shape == xr.shape  # one length for both sides: one forward pass
     assert chars.decode(yc[yc != IGNORE_INDEX].tolist()) == RHYMES + "<END>"
     assert chars.decode(yr[yr != IGNORE_INDEX].tolist()) == NO_RHYME  # what it wrote: it never stopped
@@ -163,7 +166,7 @@ def test_the_loss_equals_a_hand_computation(model, chars):
     loss, count = dpo_loss(model, batch, beta)
     assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-margin))), rel=1e-5) and int(count) == 1
     real = sft_batch([render(chars, TITLE_TO_POEM.prompt("秋雨"), NO_RHYME + "<END>")], chars.pad_id)  # a real poem
-    with_sft, _ = dpo_loss(model, batch + real, beta, sft_weight=0.5)
+    with_sft, _ = dpo_loss(model, batch._replace(real_x=real[0], real_y=real[1]), beta, sft_weight=0.5)
     assert with_sft.item() == pytest.approx(loss.item() + 0.5 * model(*real)[1].item(), rel=1e-5)
 
 
@@ -192,13 +195,13 @@ def test_a_step_on_a_pair_raises_the_chosen_answer(model, chars):
 
 
 def test_a_margin_splits_into_the_line_endings_and_the_rest(model, chars):
-    assert [RHYMES[i] for i in dpo.ending_places(RHYMES)] == ["流", "樓"]
-    assert dpo.ending_places("春眠，\n\n不覺曉。") == [1, 7]  # an empty line holds no ending
-    assert dpo.ending_places(["春", "<AST>", "眠", "，", "\n", "曉", "。"]) == [2, 5]  # tokens: a marker is one
+    assert [RHYMES[i] for i in ending_places(RHYMES)] == ["流", "樓"]
+    assert ending_places("春眠，\n\n不覺曉。") == [1, 7]  # an empty line holds no ending
+    assert ending_places(["春", "<AST>", "眠", "，", "\n", "曉", "。"]) == [2, 5]  # tokens: a marker is one
     pairs = [Pair("poem", TITLE_TO_POEM.prompt("登樓"), RHYMES, NO_RHYME, "not rhyme"),
              Pair("poem", TITLE_TO_POEM.prompt("秋雨"), NO_RHYME, "白日依山<INS>盡，黃河", "not rhyme", False)]
-    same = dpo.margin_parts(model, model, pairs, chars)
-    assert same == [(0.0, 0.0)] * 2 and dpo.margin_shares(same) == {"all": 0.5, "endings": 0.5, "elsewhere": 0.5}
+    same = dpo.margin_parts(model, model, pairs, chars, YARD, PREFERENCES["rhyme"])
+    assert same == [(0.0, 0.0)] * 2 and dpo.margin_shares(same) == {"all": 0.5, "at": 0.5, "elsewhere": 0.5}
     torch.manual_seed(2)
     policy = GPT(model.config).eval()
     policy.load_state_dict(model.state_dict())
@@ -211,16 +214,21 @@ def test_a_margin_splits_into_the_line_endings_and_the_rest(model, chars):
 
     def split(prompt, answer):
         ids = chars.encode(answer.replace("<END>", ""))
-        r, at = ratios(prompt, answer), set(dpo.ending_places([chars.itos[i] for i in ids]))
+        r, at = ratios(prompt, answer), set(ending_places([chars.itos[i] for i in ids]))
         return sum(v for i, v in enumerate(r) if i in at), sum(v for i, v in enumerate(r) if i not in at)
 
-    parts = dpo.margin_parts(policy, model, pairs, chars)
+    parts = dpo.margin_parts(policy, model, pairs, chars, YARD, PREFERENCES["rhyme"])
     for (endings, rest), p, stopped in zip(parts, pairs, (True, False)):
         c, r = split(p.prompt, p.chosen + "<END>"), split(p.prompt, p.rejected + "<END>" * stopped)
         assert endings == pytest.approx(c[0] - r[0], abs=1e-4) and rest == pytest.approx(c[1] - r[1], abs=1e-4)
         assert abs(endings) > 1e-3 and abs(rest) > 1e-3
 
 
-def test_the_rhyming_endings_are_marked():
-    assert mark_endings(RHYMES, YARD.rhyme_groups) == "白日依山盡，黃河入海[流]。\n欲窮千里目，更上一層[樓]。   <- rhymes"
-    assert mark_endings(NO_RHYME, YARD.rhyme_groups).endswith("<- no rhyme (深:深 樓:流)")
+def test_a_sample_marks_what_its_preference_reads():
+    rhyme, title, both = PREFERENCES["rhyme"], PREFERENCES["title"], PREFERENCES["rhyme+title"]
+    assert mark(RHYMES, "登樓", YARD, rhyme) == "白日依山盡，黃河入海[流]。\n欲窮千里目，更上一層[樓]。   <- rhymes"
+    assert mark(NO_RHYME, "登樓", YARD, rhyme).endswith("<- no rhyme (深:深 樓:流)")
+    assert mark(RHYMES, "秋日登樓", YARD, title) == "白[日]依山盡，黃河入海流。\n欲窮千里目，更上一層[樓]。   <- names its title"
+    assert mark(RHYMES, "秋雨", YARD, title).endswith("<- no character of 秋雨")
+    assert mark(RHYMES, "河畔", YARD, both) == ("白日依山盡，黃[河]入海[流]。\n欲窮千里目，更上一層[樓]。   <- rhymes; "
+                                              "names its title")

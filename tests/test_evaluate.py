@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from minigpt.data import PLAIN, TITLE_TO_POEM, Poem, is_regular
-from minigpt.evaluate import (Yardstick, answer_losses, answer_val_batches, compare, copy_rate, distinct_clauses,
-                              eval_set, first_poem, format_table, learn_rhyme_groups, line_endings, loss_batches,
-                              mentions_title, relevance, repeats_clause, rhymes, runs_on, val_sample)
+from minigpt.data import PLAIN, TITLE_TO_POEM, Poem
+from minigpt.evaluate import answer_losses, answer_val_batches, compare, eval_set, format_table, loss_batches, val_sample
+from minigpt.metrics import (Yardstick, copy_rate, distinct_clauses, mentions_title, relevance, repeats_clause, rhymes,
+                             runs_on)
+from minigpt.verse import first_poem, is_regular
 from minigpt.model import GPT, IGNORE_INDEX, GPTConfig
 
 @pytest.fixture
@@ -48,23 +49,6 @@ def test_copying_and_repetition():
     assert distinct_clauses([QUATRAIN, QUATRAIN]) == 0.5 and distinct_clauses([QUATRAIN, SPRING]) == 1.0
 
 
-def test_line_endings_and_rhyme():
-    assert line_endings(QUATRAIN) == ["流", "樓"]
-    groups = {"流": "A", "樓": "A", "頭": "A", "鳥": "B", "少": "B"}
-    assert rhymes(QUATRAIN, groups)
-    assert not rhymes("白日依山盡，黃河入海鳥。\n欲窮千里目，更上一層樓。", groups)  # 鳥 and 樓: two groups
-    assert not rhymes("白日依山盡，黃河入海樓。\n欲窮千里目，更上一層樓。", groups)  # the same character twice is no rhyme
-    assert not rhymes("白日依山盡，黃河入海流。\n欲窮千里目，更上一層天。", groups)  # 天 is in no group
-
-
-def test_rhyme_groups_are_learnt_from_poems_whose_endings_rhyme_together():
-    rhyming = [Poem(str(i), "", (f"{a}{a}{a}{a}{a}，{a}{a}{a}{a}{x}。", f"{b}{b}{b}{b}{b}，{b}{b}{b}{b}{y}。"))
-               for i, (a, b, x, y) in enumerate([("山", "水", "流", "樓")] * 5 + [("花", "月", "鳥", "少")] * 5
-                                                + [("雲", "風", "流", "頭")] * 2)]
-    groups = learn_rhyme_groups(rhyming, strong=5, weak=2)
-    assert groups["流"] == groups["樓"] and groups["鳥"] == groups["少"] and groups["流"] != groups["鳥"]
-    assert groups["頭"] == groups["流"]  # seen twice with 流: joins its group
-    assert "天" not in groups
 
 
 def test_yardstick_scores_answers_on_one_footing():

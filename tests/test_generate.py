@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from minigpt.model import GPT, GPTConfig, sample_next
+from minigpt.generate import Answer, generate, sample_next, write
+from minigpt.model import GPT, GPTConfig
 
 
 def prompts_of(lengths, vocab):
@@ -14,8 +15,8 @@ def test_kv_cache_gives_the_same_tokens_as_recomputing(tiny_config, use_sdpa):
     model = GPT(GPTConfig(**{**tiny_config.__dict__, "use_sdpa": use_sdpa})).eval()
     prompts = prompts_of([3, 7, 1], tiny_config.vocab_size)  # left padding and a cache, together
     for temperature in (0, 1.0):
-        a = model.generate(prompts, 25, temperature=temperature, generator=torch.Generator().manual_seed(5))
-        b = model.generate(prompts, 25, temperature=temperature, use_cache=False, generator=torch.Generator().manual_seed(5))
+        a = generate(model, prompts, 25, temperature=temperature, generator=torch.Generator().manual_seed(5))
+        b = generate(model, prompts, 25, temperature=temperature, use_cache=False, generator=torch.Generator().manual_seed(5))
         assert a == b
 
 
@@ -23,15 +24,15 @@ def test_kv_cache_gives_the_same_tokens_as_recomputing(tiny_config, use_sdpa):
 def test_a_batch_of_prompts_equals_each_prompt_alone(tiny_config, use_sdpa):
     model = GPT(GPTConfig(**{**tiny_config.__dict__, "use_sdpa": use_sdpa})).eval()
     prompts = prompts_of([2, 9, 5], tiny_config.vocab_size)
-    batch = model.generate(prompts, 20, temperature=0)
-    assert batch == [model.generate([p], 20, temperature=0)[0] for p in prompts]
+    batch = generate(model, prompts, 20, temperature=0)
+    assert batch == [generate(model, [p], 20, temperature=0)[0] for p in prompts]
 
 
 def test_generation_stops_per_row(model, tiny_config):
     prompts = prompts_of([4, 4, 6], tiny_config.vocab_size)
-    free = model.generate(prompts, 20, temperature=0)
+    free = generate(model, prompts, 20, temperature=0)
     stop = free[0][2]  # the third token row 0 writes becomes a stop token
-    out = model.generate(prompts, 20, temperature=0, stop_ids=[stop])
+    out = generate(model, prompts, 20, temperature=0, stop_ids=[stop])
     for row, full in zip(out, free):
         cut = full.index(stop) + 1 if stop in full else len(full)
         assert row == full[:cut]  # each row ends at its own first stop token, the others run on
@@ -52,8 +53,8 @@ def test_generation_runs_past_the_context(model, tiny_config):
         return ids[len(prompt):]
 
     # without the cache the window slides by one token; with it, a full window restarts from its last half
-    assert model.generate([prompt], 80, temperature=0, use_cache=False)[0] == by_hand(W)
-    assert model.generate([prompt], 80, temperature=0)[0] == by_hand(W // 2)
+    assert generate(model, [prompt], 80, temperature=0, use_cache=False)[0] == by_hand(W)
+    assert generate(model, [prompt], 80, temperature=0)[0] == by_hand(W // 2)
 
 
 def test_top_k_and_top_p_keep_exactly_the_likely_ids():
@@ -92,3 +93,23 @@ def test_sampling_follows_the_softmax_probabilities():
     hot = sample_next(logits, temperature=0.5, generator=torch.Generator().manual_seed(0))
     sharpened = probs ** 2 / (probs ** 2).sum()  # temperature 0.5 squares the probabilities
     assert torch.allclose(torch.bincount(hot, minlength=5).float() / len(hot), sharpened, atol=0.01)
+
+
+def test_the_plain_generate_of_model_py_writes_what_the_cached_one_writes(model, tiny_config):
+    """model.generate reads the whole window again for every token; at top_k=1 it is greedy, as temperature 0 is."""
+    prompt = prompts_of([5], tiny_config.vocab_size)[0]
+    plain = model.generate(torch.tensor([prompt]), 20, top_k=1)  # (1, 5 + 20)
+    assert plain.shape == (1, 25) and plain[0, :5].tolist() == prompt
+    assert plain[0, 5:].tolist() == generate(model, [prompt], 20, temperature=0)[0]
+    sampled = model.generate(torch.tensor([prompt] * 3), 60, generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (3, 65)  # past the context of 32: the window slides
+
+
+def test_write_gives_each_answer_without_its_stop_and_whether_it_stopped(model, tokenizer):
+    model.train()
+    free = write(model, tokenizer, ["春", "秋"], 12, stop=None)
+    assert all(isinstance(a, Answer) and not a.stopped for a in free) and model.training  # its mode given back
+    stop = free[0].text[3]  # a character the first answer writes becomes the stop
+    answers = write(model, tokenizer, ["春", "秋"], 12, stop=stop)
+    assert answers[0] == Answer(free[0].text[:free[0].text.index(stop)], True)
+    assert write(model, tokenizer, ["春"], 12, stop="\n\n") == write(model, tokenizer, ["春"], 12, stop=None)[:1]

@@ -39,18 +39,20 @@ def test_hand_written_attention_equals_sdpa(n_head):
 
 
 def test_sdpa_takes_its_causal_path_when_there_is_no_cache_and_no_padding(monkeypatch):
-    cfg = GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=2, n_embd=32, use_sdpa=True)
-    attn = CausalSelfAttention(cfg).eval()
+    """Attention builds no mask of its own on the SDPA path: a window without padding is SDPA's causal path, a single
+    newest token sees every key, and only padding brings a mask (the generation module's)."""
+    from minigpt.generate import generate
+    model = GPT(GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=2, n_embd=32, use_sdpa=True)).eval()
     calls, real = [], F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda *a, **kw: calls.append((kw.get("is_causal", False), kw.get("attn_mask"))) or real(*a, **kw))
-    x = torch.randn(2, 6, 32)
-    attn(x)  # a training window
-    cache = {}
-    attn(x[:, :5], cache, torch.tensor([[False, True, True, True, True], [True] * 5]))  # padded prompt into a cache
-    attn(x[:, 5:], cache, torch.tensor([[False] + [True] * 5, [True] * 6]))
-    assert calls[0] == (True, None)
-    assert all(not causal and mask is not None for causal, mask in calls[1:])
+    model(torch.randint(10, (2, 6)))  # a training window
+    assert calls == [(True, None)]
+    generate(model, [[1, 2, 3], [4, 5, 6]], 3, temperature=0)  # same lengths: the prompt, then one token at a time
+    assert calls[1:] == [(True, None), (False, None), (False, None)]
+    del calls[:]
+    generate(model, [[1, 2, 3], [4, 5]], 3, temperature=0)  # padded: every call is given its mask
+    assert len(calls) == 3 and all(not causal and mask is not None for causal, mask in calls)
 
 
 def test_whole_model_same_with_and_without_sdpa(tiny_config):
@@ -97,25 +99,34 @@ def test_too_long_input_is_refused(model):
 
 def test_hand_written_attention_equals_sdpa_with_padding_and_a_cache():
     cfg = GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=2, n_embd=32, use_sdpa=False)
+    from minigpt.generate import LayerCache
     attn = CausalSelfAttention(cfg).eval()
     x = torch.randn(2, 7, 32)
-    key_mask = torch.tensor([[False, False, True, True, True, True, True, True], [True] * 8])  # row 0 left-padded
+    real = torch.tensor([[False, False, True, True, True, True, True], [True] * 7])  # row 0 left-padded
+
+    def mask(T, S):  # causal, no padding, and each query itself (so no row is empty)
+        causal = torch.ones(T, S + T, dtype=torch.bool).tril(diagonal=S)
+        itself = torch.arange(S, S + T)[:, None] == torch.arange(S + T)
+        return causal & real[:, None, None, :S + T] | itself  # (B, 1, T, S + T)
+
     out = {}
     for use_sdpa in (False, True):
         attn.use_sdpa = use_sdpa
-        cache = {}
-        first = attn(x[:, :6], cache, key_mask[:, :6])  # the prompt, then one new token against the cache
-        out[use_sdpa] = (first, attn(x[:, 6:], cache, key_mask[:, :7]))
+        cache = LayerCache()
+        first = attn(x[:, :6], mask(6, 0), cache)  # the prompt, then one new token against the cache
+        out[use_sdpa] = (first, attn(x[:, 6:], mask(1, 6), cache))
+        assert cache.k.shape == (2, 2, 7, 16)
     assert torch.allclose(out[False][0], out[True][0], atol=1e-5) and torch.allclose(out[False][1], out[True][1], atol=1e-5)
     # the padded positions change nothing that a real token sees
     x2 = x.clone()
     x2[0, :2] = torch.randn(2, 32)
     attn.use_sdpa = False
-    assert torch.allclose(attn(x2[:, :6], {}, key_mask[:, :6])[0, 2:], out[False][0][0, 2:], atol=1e-5)
+    assert torch.allclose(attn(x2[:, :6], mask(6, 0))[0, 2:], out[False][0][0, 2:], atol=1e-5)
+    assert not torch.allclose(attn(x2[:, :6])[0, 2:], out[False][0][0, 2:], atol=1e-5)  # without the mask it does
 
 
 def test_a_grown_vocabulary_keeps_what_the_model_did(model):
-    from minigpt.model import grow_vocab
+    from minigpt.checkpoint import grow_vocab
     V = model.config.vocab_size
     grown = grow_vocab(model, V + 4).eval()
     idx = torch.randint(V, (2, 10))

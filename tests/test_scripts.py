@@ -13,6 +13,8 @@ import train_dpo
 import train_pretrain
 import train_sft
 from minigpt import dpo
+from minigpt import pairs as pairing
+from minigpt.metrics import PREFERENCES
 from minigpt.checkpoint import load_checkpoint
 
 from conftest import FIXTURE_CORPUS
@@ -93,7 +95,7 @@ def test_sft_on_several_tasks_measures_each_one(pretrained, tmp_path):
     table = (tmp_path / "tasks.txt").read_text(encoding="utf-8")
     assert "held-out phrasings" in table and "form: complies" in table and "continuation: runs on" in table
     assert (tmp_path / "tasks.png").stat().st_size > 1000
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["tasks"] == "poem,form,continuation"
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["tasks"] == "poem,form,continuation"
 
 
 @pytest.mark.parametrize("tasks, evals", [("poem", [0, 10, 20]), ("poem,form", [0, 20])])
@@ -112,7 +114,7 @@ def test_sft_in_the_chat_format_grows_the_vocabulary_by_the_roles_and_quotes(pre
                     "--device", "cpu", "--tasks", "poem,persona", "--format", "chat", "--max-steps", "6"])
     base, chat = (torch.load(d / "ckpt.pt", weights_only=True) for d in (out, tmp_path))
     assert chat["tokenizer"] == base["tokenizer"] + ["<SYS>", "<USR>", "<AST>", "<EOT>", "「", "」"]
-    assert chat["model_config"]["vocab_size"] == base["model_config"]["vocab_size"] + 6 and chat["format"] == "chat"
+    assert chat["model_config"]["vocab_size"] == base["model_config"]["vocab_size"] + 6 and chat["settings"]["format"] == "chat"
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl", encoding="utf-8")]
     prompts = [s["prompt"] for s in [r for r in log if r["kind"] == "sample"][-1]["samples"]]
     assert prompts[0].startswith("<USR>") and prompts[1].startswith("<SYS>") and prompts[1].endswith("<EOT><AST>")
@@ -187,11 +189,11 @@ DPO = ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--device", "cpu"]
 
 
 def test_dpo_runs_from_the_sft_checkpoint(finetuned, tmp_path, monkeypatch):
-    monkeypatch.setattr(dpo, "judge", stand_in_judge)
+    monkeypatch.setattr(pairing, "judge", stand_in_judge)
     result = train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(tmp_path), "--test-titles", "4",
                                    "--pairs", "whole"])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ckpt["stage"] == "dpo" and ckpt["step"] == 10 and ckpt["prefer"] == "rhyme" and ckpt["beta"] == 0.1
+    assert ckpt["stage"] == "dpo" and ckpt["step"] == 10 and ckpt["settings"]["prefer"] == "rhyme" and ckpt["settings"]["beta"] == 0.1
     assert (tmp_path / "table.txt").read_text(encoding="utf-8").count("(4 test titles;") == 1  # 6 val titles at every eval
     pairs = json.loads((tmp_path / "pairs.json").read_text(encoding="utf-8"))
     assert pairs["pairs"] and all(p["prompt"].startswith("<INS>") and p["chosen"] != p["rejected"] for p in pairs["pairs"])
@@ -216,18 +218,18 @@ def test_dpo_from_a_multi_task_chat_model_asks_its_tasks_in_its_format(pretraine
     sft, out = tmp_path / "sft", tmp_path / "dpo"
     train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(pretrained[0]), "--out-dir", str(sft),
                     "--device", "cpu", "--tasks", "poem,form,naming", "--format", "chat", "--max-steps", "4"])
-    monkeypatch.setattr(dpo, "judge", stand_in_judge)
+    monkeypatch.setattr(pairing, "judge", stand_in_judge)
     train_dpo.main(DPO + ["--init-from", str(sft), "--out-dir", str(out), "--prompts", "24", "--max-steps", "2",
                           "--pairs", "whole"])
     pairs = json.loads((out / "pairs.json").read_text(encoding="utf-8"))["pairs"]
     assert {p["task"] for p in pairs} == {"poem", "form"}  # naming answers with a title, not a poem: no rhyme to prefer
     assert all(p["prompt"].startswith("<USR>") and p["prompt"].endswith("<EOT><AST>") for p in pairs)
-    assert torch.load(out / "ckpt.pt", weights_only=True)["format"] == "chat"
+    assert torch.load(out / "ckpt.pt", weights_only=True)["settings"]["format"] == "chat"
 
 
 def test_dpo_interrupted_resumes_on_its_own_pairs_to_the_same_weights(finetuned, tmp_path, monkeypatch, capsys):
     from minigpt.cli import run
-    monkeypatch.setattr(dpo, "judge", stand_in_judge)
+    monkeypatch.setattr(pairing, "judge", stand_in_judge)
     full, part = tmp_path / "full", tmp_path / "part"
     train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(full), "--pairs", "whole"])
     real, calls = train_dpo.dpo_loss, [0]
@@ -242,7 +244,7 @@ def test_dpo_interrupted_resumes_on_its_own_pairs_to_the_same_weights(finetuned,
         run(train_dpo.main, DPO + ["--init-from", str(finetuned), "--out-dir", str(part), "--pairs", "whole"], "train_dpo.py")
     assert e.value.code == 130 and "python train_dpo.py --resume" in capsys.readouterr().err
     monkeypatch.setattr(train_dpo, "dpo_loss", real)
-    monkeypatch.setattr(dpo, "judge", lambda *a: "no pairs may be made again on resume")
+    monkeypatch.setattr(pairing, "judge", lambda *a: "no pairs may be made again on resume")
     train_dpo.main(DPO + ["--out-dir", str(part), "--resume"])
     a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, part))
     assert a["step"] == b["step"] == 10 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -253,13 +255,13 @@ def test_dpo_pairs_line_endings_for_rhyme_by_default(finetuned, tmp_path, monkey
 
     def recorded(model, tokenizer, exs, yard, seed, per_prompt, **kw):  # a tiny model's answers pass no gate: whole pairs
         calls.append((len(exs), per_prompt))
-        return dpo.make_pairs(model, tokenizer, exs, yard, dpo.PREFERENCES["rhyme"], samples=4, seed=seed,
-                              per_prompt=per_prompt, **kw)
-    monkeypatch.setattr(dpo, "judge", stand_in_judge)
+        return pairing.make_pairs(model, tokenizer, exs, yard, PREFERENCES["rhyme"], samples=4, seed=seed,
+                                  per_prompt=per_prompt, **kw)
+    monkeypatch.setattr(pairing, "judge", stand_in_judge)
     monkeypatch.setattr(train_dpo, "ending_pairs", recorded)
     train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(tmp_path), "--max-steps", "2"])
     assert calls == [(8, 4), (8, 4)]  # train and held-out prompts (the tiny preset's 8 each), several pairs per answer
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["pairs"] == "ending"
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["pairs"] == "ending"
 
 
 @pytest.mark.parametrize("argv, message", [

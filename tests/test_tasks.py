@@ -5,7 +5,8 @@ import re
 import pytest
 
 from minigpt.data import Poem
-from minigpt.tasks import BY_NAME, TASKS, Example, by_phrasing, examples, form_of, head_hits, phrasing_of
+from minigpt.tasks import BY_NAME, TASKS, Example, by_phrasing, examples, head_hits, phrasing_of
+from minigpt.verse import form_of
 
 WUJUE = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"
 QIJUE = "朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，輕舟已過萬重山。"
@@ -174,10 +175,10 @@ def test_parse_tasks_names_the_choices():
 
 
 def test_task_data_trains_on_the_answer_only_and_drops_what_does_not_fit(tokenizer):
-    from minigpt.tasks import TaskData, prompt_text
+    from minigpt.tasks import prompt_text, task_data
     poems = [Poem("登高", "", tuple(WUJUE.split("\n"))), Poem("春望", "", tuple(WULU.split("\n")))]
-    data = TaskData(poems, tokenizer, 64, [BY_NAME["poem"], BY_NAME["continuation"]], GROUPS)
-    assert data.counts == {"poem": 1, "continuation": 2, "too_long": 1}  # 春望 as a poem: 79 tokens > 64
+    data = task_data(poems, tokenizer, 64, [BY_NAME["poem"], BY_NAME["continuation"]], GROUPS)
+    assert data.counts == {"poems": 2, "poem": 1, "continuation": 2, "too_long": 1}  # 春望 as a poem: 79 tokens > 64
     ex = BY_NAME["continuation"].example("春望", WULU, GROUPS, 0)
     ids, mask = next((i, m) for i, m in data.examples if len(i) == len(tokenizer.encode(prompt_text(ex) + ex.answer + "<END>", unknown="unk")))
     n_prompt = len(tokenizer.encode(prompt_text(ex), unknown="unk"))
@@ -189,7 +190,7 @@ def test_measure_tasks_checks_stops_and_run_ons(monkeypatch):
     exs = {"form": [Example("form", "", "登高", "", "七言絕句")] * 3, "acrostic": [Example("acrostic", "", "", "", "白黃欲更")] * 2}
     written = iter([(QIJUE, True), (WUJUE, True), (QIJUE + "\n\n又\n" + QIJUE, False),
                     (WUJUE, True), (WUJUE.replace("欲", "將"), False)])
-    monkeypatch.setattr(tasks, "complete", lambda model, tok, prompts, max_new_tokens, **kw: [next(written) for _ in prompts])
+    monkeypatch.setattr(tasks, "write", lambda model, tok, prompts, max_new_tokens, **kw: [next(written) for _ in prompts])
     got = tasks.measure_tasks(None, None, exs)
     assert got["form"] == {"comply": pytest.approx(1 / 3), "stop": pytest.approx(2 / 3), "run_on": pytest.approx(1 / 3)}
     assert got["acrostic"]["comply"] == 0.5 and got["acrostic"]["heads"] == 7 / 8
@@ -201,7 +202,7 @@ def test_measure_tasks_splits_the_same_answers_by_phrasing(monkeypatch):
     exs = {"form": [Example("form", form.phrasings[k].format(form="七言絕句"), "登高", "", "七言絕句") for k in (0, 0, 1)]}
     written = [(QIJUE, True), (WUJUE, True), (QIJUE, True)]
     calls = []
-    monkeypatch.setattr(tasks, "complete", lambda model, tok, prompts, max_new_tokens, **kw: calls.append(prompts) or written)
+    monkeypatch.setattr(tasks, "write", lambda model, tok, prompts, max_new_tokens, **kw: calls.append(prompts) or written)
     got = tasks.measure_tasks(None, None, exs, phrasings=True)["form"]
     assert got["phrasings"] == {form.phrasings[0]: (2, 0.5), form.phrasings[1]: (1, 1.0)} and got["comply"] == 2 / 3
     assert len(calls) == 1  # one generation serves both
@@ -221,7 +222,7 @@ def test_a_model_that_never_stops_is_scored_on_its_first_poem(monkeypatch):
     from minigpt import tasks
     exs = {"form": [Example("form", "", "登高", "", "七言絕句")] * 2}
     written = iter([(QIJUE + "\n\n又\n" + WUJUE, False), (WUJUE + "\n\n又\n" + QIJUE, False)])
-    monkeypatch.setattr(tasks, "complete", lambda model, tok, prompts, max_new_tokens, **kw: [next(written) for _ in prompts])
+    monkeypatch.setattr(tasks, "write", lambda model, tok, prompts, max_new_tokens, **kw: [next(written) for _ in prompts])
     got = tasks.measure_tasks(None, None, exs, never_stops=True)
     assert got["form"] == {"comply": 0.5, "stop": None, "run_on": 1.0}
 
@@ -260,14 +261,14 @@ def test_the_chat_format_puts_a_standing_constraint_in_the_system_turn():
 
 
 def test_the_chat_format_quotes_the_heads_to_copy_and_the_checker_reads_them_unquoted(tokenizer):
-    from minigpt.tasks import CHAT, TaskData
+    from minigpt.tasks import CHAT, task_data
     poems = [Poem("登鸛雀樓", "", tuple(WUJUE.split("\n")))]
     chat, plain = (examples(poems, [BY_NAME["acrostic"]], GROUPS, fmt=f)[0] for f in (CHAT, None))
     assert "「白黃欲更」" in chat.instruction and "「" not in plain.instruction and "白黃欲更" in plain.instruction
     assert chat.want == plain.want == "白黃欲更" and BY_NAME["acrostic"].check(WUJUE, chat)
     assert phrasing_of(BY_NAME["acrostic"], chat.instruction) == BY_NAME["acrostic"].phrasings[0]
     chat_tok = tokenizer.with_roles()  # 「」 are in the chat vocabulary: the example is kept, each mark one id
-    data = TaskData(poems, chat_tok, 128, [BY_NAME["acrostic"]], GROUPS, CHAT)
+    data = task_data(poems, chat_tok, 128, [BY_NAME["acrostic"]], GROUPS, CHAT)
     assert data.counts["acrostic"] == 1 and chat_tok.stoi["「"] in data.examples[0][0]
 
 
@@ -293,3 +294,21 @@ def test_the_task_table_refuses_bad_input_in_one_line(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_single_title_sft_is_the_poem_task_in_its_one_fixed_phrasing(tokenizer):
+    from minigpt.data import TITLE_TO_POEM, render_sft
+    from minigpt.tasks import CHAT, CHAT_POEM, SINGLE_POEM_DATA, single_poem_task, task_data
+    poems = [Poem(f"登高 {n}", "", tuple(WUJUE.split("\n"))) for n in "一二三"] + [Poem("句", "", tuple(WUJUE.split("\n"))),
+             Poem("春望", "", ("國破山河在，城春草木深",)), Poem("秋興", "", tuple(WULU.split("\n")))]
+    for data in SINGLE_POEM_DATA:
+        task = single_poem_task(data)
+        assert task.phrasings == (TITLE_TO_POEM.instruction,) and task.name == "poem"
+    # every example as the title -> poem format renders it, in both formats; 句 says nothing, 春望 is not regular
+    made = task_data(poems, tokenizer, 128, [single_poem_task("regular")], GROUPS)
+    assert made.examples == [render_sft(tokenizer, p.title.split()[0], p.body) for p in poems[:3] + poems[5:]]
+    chat = tokenizer.with_roles()
+    made = task_data(poems, chat, 128, [single_poem_task("all")], GROUPS, CHAT)
+    assert made.examples == [render_sft(chat, p.title.split()[0], p.body, CHAT_POEM) for p in poems[:3] + poems[4:]]
+    relevant = task_data(poems, tokenizer, 128, [single_poem_task("relevant")], GROUPS)
+    assert len(relevant.examples) == 0  # 登高 and 秋興 name nothing their poems hold

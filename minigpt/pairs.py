@@ -1,0 +1,236 @@
+"""Preference pairs for DPO, made from the model's own answers and judged by program: (prompt, chosen, rejected).
+
+An answer can be chosen only when it passes the gates (it stopped, does what the task asks, repeats and copies no
+clause) and has the preference (minigpt.metrics.PREFERENCES: it rhymes, names its title ...). Two ways to pair:
+ending_pairs (the default for rhyme) changes one line ending of one answer; make_pairs samples several whole answers
+per prompt and pairs a passing one with a failing one (pair_up).
+"""
+import collections
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from minigpt.checkpoint import replace_durably
+from minigpt.data import TITLE_TO_POEM
+from minigpt.generate import EVAL_SAMPLING, Sampling, write
+from minigpt.loss_eval import evaluating
+from minigpt.metrics import PREFERENCES, repeats_clause
+from minigpt.tasks import BY_NAME, Example, examples, prompt_text
+from minigpt.verse import CLAUSE_MARKS, MEANINGLESS_TITLES, REGULAR_LINE, clauses, clean_title, ending_places, first_poem, \
+    is_regular, line_endings, rhymes
+
+RHYME = PREFERENCES["rhyme"]
+
+
+@dataclass
+class Pair:
+    task: str
+    prompt: str  # the whole prompt text, markers included
+    chosen: str
+    rejected: str
+    why_rejected: str  # what the rejected answer fails: the preference alone, or a gate
+    rejected_stopped: bool = True  # the rejected answer ended with the end marker (else it ran to the cap)
+    ref_chosen: float = 0.0  # the reference model's log-probability of the answer (and end marker) given the prompt
+    ref_rejected: float = 0.0
+    title: str = ""  # the example's input: the title, for a preference that reads it
+
+
+# ---- what may be chosen ----
+
+def gate(answer, stopped, example, yard):
+    """Why an answer cannot be chosen whatever the preference ('' if it can): no end marker, the task's own
+    constraint not met (one regular poem, the asked form ...), a clause written twice, a clause copied from a
+    training poem."""
+    if not stopped:
+        return "no end marker"
+    if answer != first_poem(answer) or not is_regular(answer) or not BY_NAME[example.task].check(answer, example):
+        return "not what the task asks"
+    if repeats_clause(answer):
+        return "repeats a clause"
+    if any(c in yard.train_clauses for c in clauses(answer)):
+        return "copies a training clause"
+    return ""
+
+
+def judge(answer, stopped, example, yard, prefer):
+    """'' when the answer passes the gates and the preference, else why not."""
+    return gate(answer, stopped, example, yard) or ("" if prefer.passes(answer, example.input, yard) else
+                                                    f"not {prefer.name}")
+
+
+# ---- the prompts ----
+
+def dpo_prompts(poems, tasks, rhyme_groups, fmt=TITLE_TO_POEM):
+    """The prompts of the split for the tasks the SFT model was trained on that answer with a whole poem: one per
+    distinct title for title -> poem (the one fixed instruction), the tasks' trained phrasings for the others."""
+    if [t.name for t in tasks] == ["poem"]:
+        seen, out = set(), []
+        for p in poems:
+            title = clean_title(p.title)
+            if title not in MEANINGLESS_TITLES and title not in seen:
+                seen.add(title)
+                out.append(Example("poem", TITLE_TO_POEM.instruction, title, p.body))
+        return out
+    return examples(poems, [t for t in tasks if t.poem_answer], rhyme_groups, fmt=fmt)
+
+
+# ---- pairs of whole answers ----
+
+def make_pairs(model, tokenizer, exs, yard, prefer, fmt=TITLE_TO_POEM, samples=8, per_prompt=2, max_new_tokens=128,
+               seed=0, batch_size=512, shared_start=True, hold=None):
+    """Sample `samples` answers per example with the evaluation's sampling settings, and pair them (pair_up).
+    shared_start: the model first writes one answer per prompt; its first line (couplet), if regular, then starts
+    all the samples of that prompt, so that a pair differs only after it, where the rhyme is decided (the shared
+    tokens add the same log-probability to both sides, and cancel in the loss). hold: see pair_up. Returns (pairs,
+    counts)."""
+    prompts = [prompt_text(ex, fmt) for ex in exs]
+    starts = [""] * len(exs)
+    if shared_start:
+        first = write(model, tokenizer, prompts, max_new_tokens, fmt.end, Sampling(seed=seed + 1), batch_size)
+        lines = [a.split("\n") for a, _ in first]
+        starts = [ls[0] + "\n" if len(ls) > 1 and REGULAR_LINE.match(ls[0]) else "" for ls in lines]
+    written = write(model, tokenizer, [p + s for p, s in zip(prompts, starts) for _ in range(samples)],
+                    max_new_tokens, fmt.end, Sampling(seed=seed), batch_size)
+    room = model.config.block_size + 1 - len(tokenizer.encode(fmt.end))
+    answers = [[(s + a, stopped) for a, stopped in written[i * samples:(i + 1) * samples]] for i, s in enumerate(starts)]
+    return pair_up(exs, prompts, answers, yard, prefer, lambda text: len(tokenizer.encode(text, unknown="unk")) <= room,
+                   per_prompt, hold)
+
+
+def pair_up(exs, prompts, written, yard, prefer, fits=lambda text: True, per_prompt=2, hold=None):
+    """Judge each prompt's answers and pair passing with failing ones: up to per_prompt pairs, each failing answer used
+    once, the passing ones in turn. The rejected answer is the nearest miss first: one that passes every gate and
+    fails only the preference; such an answer must have the chosen one's length (絕句 or 律詩), so that the pair
+    differs in what is preferred and not in length. Then answers that fail a gate.
+    hold: a second Preference the pairs must not work against (what the preferred one is not to be paid for with):
+    chosen answers that have it serve first, and an answer that has it is never rejected for one that lacks it.
+    Returns (pairs, counts)."""
+    pairs, counts = [], collections.Counter(prompts=len(exs), samples=sum(map(len, written)))
+    for ex, prompt, answers in zip(exs, prompts, written):
+        judged, stops = {}, {}  # distinct answers only
+        for answer, stopped in answers:
+            if not fits(prompt + answer):
+                counts["too long for the context"] += 1  # a pair is scored on whole sequences only
+                continue
+            judged.setdefault(answer, judge(answer, stopped, ex, yard, prefer))
+            stops[answer] = stopped
+        counts.update(why or "passes" for why in judged.values())
+        made = _pairs_of_one_prompt(ex, prompt, judged, stops, yard, prefer, per_prompt, hold)
+        pairs += made
+        counts["prompts_with_a_pair"] += bool(made)
+    counts["pairs"] = len(pairs)
+    return pairs, dict(counts)
+
+
+def _pairs_of_one_prompt(ex, prompt, judged, stops, yard, prefer, per_prompt, hold):
+    """pair_up's pairs for one prompt, from its judged answers {answer: why it fails, '' if it passes}."""
+    good, bad, pairs = [a for a, why in judged.items() if not why], [a for a, why in judged.items() if why], []
+    held = {a: not hold or hold.passes(a, ex.input, yard) for a in judged}
+    good.sort(key=lambda a: not held[a])  # stable: otherwise in the order written
+    for k in range(per_prompt if good else 0):  # passing answers are rare: each serves in turn
+        chosen = good[k % len(good)]
+        # a near miss of another length would teach the length: only a gate failure may differ in it
+        fair = [a for a in bad if (judged[a] != f"not {prefer.name}" or a.count("\n") == chosen.count("\n"))
+                and (held[chosen] or not held[a])]
+        if not fair:
+            break
+        rejected = min(fair, key=lambda a: judged[a] != f"not {prefer.name}")
+        bad.remove(rejected)
+        pairs.append(Pair(ex.task, prompt, chosen, rejected, judged[rejected], stops[rejected], title=ex.input))
+    return pairs
+
+
+# ---- pairs that differ in one line ending ----
+
+@torch.no_grad()
+def ending_pairs(model, tokenizer, exs, yard, fmt=TITLE_TO_POEM, per_prompt=4, max_new_tokens=128, seed=0, batch_size=512,
+                 hold=None, temperature=EVAL_SAMPLING.temperature, top_k=EVAL_SAMPLING.top_k):
+    """Rhyme pairs that differ in one line ending, where the rhyme is decided. The model writes one answer per prompt;
+    in one that passes the gates, at each line ending after the first whose earlier endings rhyme, the model's own
+    next-character choices there (its top_k, as in sampling) give two characters, drawn by its probabilities: one of
+    the earlier endings' rhyme group, not used yet, and one outside it. The rest of the answer is kept on both sides,
+    so a pair's log-ratios differ at that character and barely after it. The one with the rhyming character is chosen
+    when it passes the checkers whole (gates and rhyme: its later endings rhyme too), against the other, which fails
+    the rhyme alone. hold: as in pair_up.
+    Returns (pairs, counts)."""
+    prompts = [prompt_text(ex, fmt) for ex in exs]
+    written = write(model, tokenizer, prompts, max_new_tokens, fmt.end, Sampling(seed=seed), batch_size)
+    maker = _EndingPairs(model, tokenizer, yard, per_prompt, hold, temperature, top_k, torch.Generator().manual_seed(seed))
+    pairs, counts = [], collections.Counter(prompts=len(exs), samples=len(exs))
+    with evaluating(model):
+        for ex, prompt, (answer, stopped) in zip(exs, prompts, written):
+            made, why = maker.pairs(ex, prompt, answer, stopped, counts)
+            if why:
+                counts[why] += 1
+            pairs += made
+            counts["prompts_with_a_pair"] += bool(made)
+    counts["pairs"] = len(pairs)
+    return pairs, dict(counts)
+
+
+class _EndingPairs:
+    """What ending_pairs needs at every answer: the model, the yardstick and the draw."""
+
+    def __init__(self, model, tokenizer, yard, per_prompt, hold, temperature, top_k, gen):
+        self.model, self.tokenizer, self.yard, self.per_prompt, self.hold = model, tokenizer, yard, per_prompt, hold
+        self.temperature, self.top_k, self.gen = temperature, top_k, gen
+
+    def pairs(self, ex, prompt, answer, stopped, counts):
+        """(pairs from one answer, why there are none where the answer itself rules them out, else '')."""
+        prompt_ids, ids = self.tokenizer.encode(prompt, unknown="unk"), self.tokenizer.encode(answer, unknown="unk")
+        if gate(answer, stopped, ex, self.yard) or len(prompt_ids) + len(ids) + 1 > self.model.config.block_size + 1:
+            return [], gate(answer, stopped, ex, self.yard) or "too long for the context"  # pairs score whole sequences
+        tokens = [self.tokenizer.itos[i] for i in ids]
+        places = ending_places(tokens)
+        ends = [tokens[p] for p in places]
+        group = self.yard.rhyme_groups.get(ends[0]) if ends else None
+        if group is None:
+            return [], "first ending in no rhyme group"
+        logits, _ = self.model(torch.tensor([prompt_ids + ids], device=self.model.device))
+        made = []
+        for k in range(1, len(places)):
+            if len(made) == self.per_prompt or k > 1 and not rhymes("\n".join(ends[:k]), self.yard.rhyme_groups):
+                break  # enough, or the endings so far no longer rhyme: no ending after them can keep a rhyme
+            row = logits[0, len(prompt_ids) + places[k] - 1]  # the logits that chose the k-th ending
+            pair, why = self.pair_at(ex, prompt, tokens, places[k], ends[:k] + ends[k + 1:], group, row, k)
+            if why:
+                counts[why] += 1
+            else:
+                made.append(pair)
+        return made, ""
+
+    def pair_at(self, ex, prompt, tokens, place, other_ends, group, row, k):
+        """(the pair made by changing the ending at place, '') or (None, why not)."""
+        top = torch.topk(row.float() / self.temperature, min(self.top_k, row.size(-1)))
+        itos, groups = self.tokenizer.itos, self.yard.rhyme_groups
+        options = [(itos[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())
+                   if len(itos[i]) == 1 and itos[i] not in CLAUSE_MARKS + "\n"
+                   and itos[i] not in other_ends]  # the endings stay distinct
+        sides = [[o for o in options if groups.get(o[0]) == group], [o for o in options if groups.get(o[0]) != group]]
+        if not all(sides):
+            return None, "no rhyming and unrhyming choice"
+        picks = [side[torch.multinomial(torch.softmax(torch.tensor([v for _, v in side]), 0), 1,
+                                        generator=self.gen).item()][0] for side in sides]
+        chosen, rejected = ("".join(tokens[:place]) + c + "".join(tokens[place + 1:]) for c in picks)
+        if judge(chosen, True, ex, self.yard, RHYME):  # a later ending breaks the rhyme, or a gate fails after the change
+            return None, "chosen not a passing answer"
+        hold = self.hold
+        worked_against = hold and hold.passes(rejected, ex.input, self.yard) and not hold.passes(chosen, ex.input, self.yard)
+        if gate(rejected, True, ex, self.yard) or worked_against:
+            return None, "rejected fails more than the rhyme"
+        return Pair(ex.task, prompt, chosen, rejected, f"not rhyme (line {k + 1})", title=ex.input), ""
+
+
+# ---- pairs on disk: a resumed run trains on the same pairs ----
+
+def save_pairs(path, pairs, counts):
+    """Written whole or not at all (a temporary file renamed into place)."""
+    text = json.dumps({"counts": counts, "pairs": [asdict(p) for p in pairs]}, ensure_ascii=False, indent=0)
+    replace_durably(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def load_pairs(path):
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return [Pair(**p) for p in data["pairs"]], data["counts"]
