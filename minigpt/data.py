@@ -200,3 +200,10 @@ class SFTData:
     def get_batch(self, batch_size, pad_id, generator=None, train_on_prompt=False):
         picks = torch.randint(len(self.examples), (batch_size,), generator=generator).tolist()
         return sft_batch([self.examples[i] for i in picks], pad_id, train_on_prompt)
+
+    def val_batches(self, n_batches, batch_size, pad_id):
+        """The first n_batches * batch_size examples, in order: the same every eval. Loss on answers only."""
+        ex = self.examples[: n_batches * batch_size]
+        if not ex:
+            raise ValueError("no held-out example fits the context; use a larger block_size")
+        return [sft_batch(ex[i:i + batch_size], pad_id) for i in range(0, len(ex), batch_size)]

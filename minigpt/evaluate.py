@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from minigpt.data import DEFAULT_CORPUS, PLAIN, TITLE_TO_POEM, load_poems, sft_batch, split_poems, spread
-from minigpt.generate import write
+from minigpt.generate import EVAL_SAMPLING, write
 from minigpt.loss_eval import evaluate_loss
 from minigpt.metrics import METRICS, Yardstick
 from minigpt.verse import MEANINGLESS_TITLES, clean_title
@@ -47,9 +47,10 @@ def eval_set(held_out, train, n=200):
     return EvalSet(titles, [first[t] for t in titles], len(left_out))
 
 
-def write_answers(model, tokenizer, titles, fmt=TITLE_TO_POEM, max_new_tokens=MAX_NEW_TOKENS):
-    """One Answer(text, stopped) per title in fmt, with the evaluation's sampling; the plain format has no end marker."""
-    return write(model, tokenizer, [fmt.prompt(t) for t in titles], max_new_tokens, stop=fmt.end)
+def write_answers(model, tokenizer, titles, fmt=TITLE_TO_POEM, max_new_tokens=MAX_NEW_TOKENS, sampling=EVAL_SAMPLING):
+    """One Answer(text, stopped) per title in fmt (by default with the evaluation's sampling); the plain format has no
+    end marker."""
+    return write(model, tokenizer, [fmt.prompt(t) for t in titles], max_new_tokens, stop=fmt.end, sampling=sampling)
 
 
 # ---- the loss on held-out answers ----

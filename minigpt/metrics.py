@@ -126,12 +126,12 @@ RHYME = Metric("rhyme_rate", "rhymes (of regular answers)", "rate", lambda s: s.
                passes=lambda answer, title, yard: rhymes(answer, yard.rhyme_groups),
                places=lambda pieces, title, yard: ending_places(pieces), where="the line endings",
                verdict=_rhyme_verdict)
-RELEVANCE = Metric("relevance", "mentions its title", "rate", lambda s: s.relevance[0],
+RELEVANCE = Metric("relevance", "mentions its title", "rate", lambda s: s.relevance[0], "mentions title",
                    plot=("C3", "-", "mentions its title"),
                    passes=lambda answer, title, yard: mentions_title(title, answer),
                    places=lambda pieces, title, yard: title_places(pieces, title), where="the title's characters",
                    verdict=lambda answer, title, yard: "names its title" if mentions_title(title, answer)
-                   else f"no character of {''.join(sorted(content_chars(title)))}")
+                   else f"no character of {''.join(c for c in title if c in content_chars(title))}")
 
 METRICS = [
     Metric("stop_rate", "stops at the end marker", "rate",

@@ -279,3 +279,28 @@ def test_dpo_user_errors_exit_2_with_one_line(pretrained, finetuned, tmp_path, c
         run(train_dpo.main, DPO + ["--init-from", str(finetuned), "--out-dir", str(tmp_path), *argv], "train_dpo.py")
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and (message is None or (message in err and len(err.splitlines()) == 1)), err
+
+
+def test_stage_settings_are_kept_whole_and_an_older_run_is_refused_on_resume_in_one_line(pretrained, finetuned, tmp_path,
+                                                                                       capsys):
+    from minigpt.checkpoint import save_checkpoint, settings_of
+    from minigpt.cli import run
+    from minigpt.sample import answer_format
+    from minigpt.tasks import CHAT_POEM
+    ckpt = torch.load(finetuned / "ckpt.pt", weights_only=True)
+    assert train_sft.SFTSettings(**ckpt["settings"]).init_from == os.path.abspath(pretrained[0])  # restored in one call
+    old = torch.load(pretrained[0] / "ckpt.pt", weights_only=True)
+    old["sample_chars"] = old.pop("settings")["sample_chars"]  # how earlier runs kept it: loose at the top level
+    save_checkpoint(str(tmp_path / "ckpt.pt"), old)
+    with pytest.raises(SystemExit) as e:
+        run(train_pretrain.main, ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--out-dir", str(tmp_path), "--device",
+                                  "cpu", "--resume"], "train_pretrain.py")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--overwrite" in err and "older minigpt" in err
+    # a finished model of an earlier run is still read for what it is: its settings stood at the top level
+    assert answer_format({"stage": "sft", "format": "chat"}) is CHAT_POEM and settings_of({"tasks": "all"})["tasks"] == "all"
+    with pytest.raises(SystemExit) as e:  # a setting the dataclass refuses: one line, exit 2
+        run(train_pretrain.main, ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--out-dir", str(tmp_path / "new"),
+                                  "--sample-chars", "0"], "train_pretrain.py")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == "error: --sample-chars must be positive, got 0"
