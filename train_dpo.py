@@ -33,7 +33,8 @@ from minigpt.pairs import dpo_prompts, ending_pairs, load_pairs, make_pairs, sav
 from minigpt.plot import plot_losses, plot_preferences
 from minigpt.sample import fine_tuned
 from minigpt.tasks import CHAT, CHAT_POEM, parse_tasks, single_poem_task, task_data
-from minigpt.train import TrainConfig, train
+from minigpt.train import TrainConfig, make_autocast, train
+from minigpt.verse import clean_title
 
 DEMO_TITLES = ["春夜喜雨", "靜夜思", "秋日登樓", "送友人"]
 
@@ -77,8 +78,9 @@ PRESETS = {
     "cpu": dict(batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=10, max_steps=100000, max_minutes=3.0, eval_every=50,
                 sample_every=100, eval_batches=8, log_every=10, dtype="float32", prompts=3000, val_prompts=400,
                 samples=8, eval_titles=200, test_titles=2000, max_new_tokens=128, beta=0.3),
+    # float32 here too: under bfloat16 the policy's log-probabilities at step 0 are not the reference's to the last bit
     "gpu": dict(batch_size=32, lr=5e-5, min_lr=5e-6, warmup_steps=20, max_steps=100000, max_minutes=5.0, eval_every=100,
-                sample_every=100, eval_batches=16, log_every=25, prompts=20000, val_prompts=1000, samples=16,
+                sample_every=100, eval_batches=16, log_every=25, dtype="float32", prompts=20000, val_prompts=1000, samples=16,
                 eval_titles=500, test_titles=2000, max_new_tokens=256, beta=0.1),
 }
 
@@ -125,7 +127,9 @@ def start(args, settings):
     if not fine_tuned(ref_ckpt):
         raise CheckpointError(f"{settings.init_from} is a {ref_ckpt.get('stage', 'pretraining')} checkpoint; DPO starts "
                               "from a fine-tuned one: run python train_sft.py first, or pass --init-from runs/sft")
-    model = GPT(ref.config)
+    # no dropout: at step 0 the policy must be the reference exactly (log-probabilities equal, the loss log 2), and the
+    # reference is measured without it
+    model = GPT(dataclasses.replace(ref.config, dropout=0.0))
     model.load_state_dict(ref.state_dict())
     settings = dataclasses.replace(settings, init_from=os.path.abspath(settings.init_from),
                                    tasks=settings_of(ref_ckpt).get("tasks", "poem"),
@@ -133,7 +137,7 @@ def start(args, settings):
     return model, ref, tokenizer, ref_ckpt, settings, None
 
 
-def make_all_pairs(ref, tokenizer, splits, tasks, yard, fmt, settings, seed, out_dir):
+def make_all_pairs(ref, tokenizer, splits, tasks, yard, fmt, settings, seed, out_dir, dtype="float32"):
     """The training and held-out pairs, made once from the reference (the policy at step 0: on-policy there), with
     the reference's log-probabilities filled in, saved in out_dir. Returns (pairs, counts, val_pairs)."""
     t = time.time()
@@ -148,7 +152,8 @@ def make_all_pairs(ref, tokenizer, splits, tasks, yard, fmt, settings, seed, out
     prompts = dpo_prompts(splits["train"], tasks, yard.rhyme_groups, fmt)
     random.Random(seed).shuffle(prompts)  # titles from the whole corpus, not the first poets alone
     pairs, counts = make(prompts[:settings.prompts], seed, settings.pairs_per_prompt)
-    val_prompts = dpo_prompts(splits["val"], tasks, yard.rhyme_groups, fmt)
+    train_titles = {clean_title(p.title) for p in splits["train"]}  # held out: no title a training poem has
+    val_prompts = dpo_prompts(splits["val"], tasks, yard.rhyme_groups, fmt, leave_out=train_titles)
     random.Random(seed).shuffle(val_prompts)
     # held out like the training pairs: ending pairs several to an answer, at its several endings; whole pairs one
     # to a prompt, whose several answers are alike and would be counted several times
@@ -158,8 +163,8 @@ def make_all_pairs(ref, tokenizer, splits, tasks, yard, fmt, settings, seed, out
         raise cli.UsageError(f"no pair: among {counts['samples']} answers none was {prefer.name} and passed the gates "
                              "(or none failed); sample more with --prompts" +
                              (" and --samples" if settings.pairs == "whole" else ""))
-    for ps in (pairs, val_pairs):
-        fill_reference(ref, ps, tokenizer, fmt)
+    for ps in (pairs, val_pairs):  # in the training steps' precision, so that a --dtype bfloat16 run starts near log 2
+        fill_reference(ref, ps, tokenizer, fmt, autocast=make_autocast(dtype, ref.device.type))
     os.makedirs(out_dir, exist_ok=True)
     save_pairs(os.path.join(out_dir, "pairs.json"), pairs, counts)
     save_pairs(os.path.join(out_dir, "val_pairs.json"), val_pairs, val_counts)
@@ -189,10 +194,11 @@ def main(argv=None):
         pairs, counts = load_pairs(os.path.join(args.out_dir, "pairs.json"))
         val_pairs, _ = load_pairs(os.path.join(args.out_dir, "val_pairs.json"))
     else:
-        pairs, counts, val_pairs = make_all_pairs(ref, tokenizer, splits, tasks, yard, fmt, settings, cfg.seed, args.out_dir)
+        pairs, counts, val_pairs = make_all_pairs(ref, tokenizer, splits, tasks, yard, fmt, settings, cfg.seed, args.out_dir,
+                                                  cfg.dtype)
 
     val_batches = [pair_batch(val_pairs[i:i + 64], tokenizer, fmt) for i in range(0, len(val_pairs), 64)]
-    val = loss_batches(tokenizer, val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size), poem_fmt,
+    val = loss_batches(tokenizer, val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size, fmt=poem_fmt), poem_fmt,
                        batch_size=cfg.batch_size)  # the loop's val loss: the real val poems' answer tokens
     val_set = eval_set(splits["val"], splits["train"], settings.eval_titles)
     held = "" if settings.hold == "none" else f"; never against: {settings.hold}"

@@ -155,7 +155,7 @@ def main(argv=None):
     data = task_data(splits["train"], tokenizer, T, tasks, yard.rhyme_groups, fmt)
     if not data.examples:
         raise cli.UsageError(f"no SFT example fits the model's context of {T} tokens; pretrain with a larger --block-size")
-    val_poems = val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size)
+    val_poems = val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size, fmt=poem_fmt)
     val = loss_batches(tokenizer, val_poems, poem_fmt, batch_size=cfg.batch_size)  # the loop's val loss: the poem's tokens
     val_set = eval_set(splits["val"], splits["train"], settings.eval_titles)
     task_val = eval_examples(splits["val"], tasks, yard.rhyme_groups, settings.task_examples, tokenizer, T, fmt=fmt) \

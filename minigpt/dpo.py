@@ -11,6 +11,7 @@ as in SFT). When the policy is the reference the bracket is 0 and the loss is lo
 
     python -m minigpt.dpo runs/dpo      # where a finished run's margins come from
 """
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -91,12 +92,15 @@ def _both_sides(batch, device):
 
 
 @torch.no_grad()
-def fill_reference(reference, pairs, tokenizer, fmt=TITLE_TO_POEM, batch_size=64):
-    """Write the reference model's log-probabilities into the pairs (once: the reference never changes)."""
+def fill_reference(reference, pairs, tokenizer, fmt=TITLE_TO_POEM, batch_size=64, autocast=contextlib.nullcontext):
+    """Write the reference model's log-probabilities into the pairs (once: the reference never changes), in eval mode
+    (no dropout) and in the precision autocast gives, the training steps'."""
     with evaluating(reference):
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i:i + batch_size]
-            logp = sequence_logprobs(reference, *_both_sides(pair_batch(chunk, tokenizer, fmt), reference.device)).cpu()
+            with autocast():
+                logp = sequence_logprobs(reference, *_both_sides(pair_batch(chunk, tokenizer, fmt), reference.device))
+            logp = logp.float().cpu()
             for p, c, r in zip(chunk, logp[:len(chunk)].tolist(), logp[len(chunk):].tolist()):
                 p.ref_chosen, p.ref_rejected = c, r
     return pairs

@@ -55,15 +55,15 @@ def write_answers(model, tokenizer, titles, fmt=TITLE_TO_POEM, max_new_tokens=MA
 
 # ---- the loss on held-out answers ----
 
-def val_sample(val_poems, tokenizer, block_size, n=256):
-    """n (title, poem) pairs spread evenly over the val split, each fitting the context in the SFT format:
-    the same poems in every column and at every eval."""
+def val_sample(val_poems, tokenizer, block_size, n=256, fmt=TITLE_TO_POEM):
+    """n (title, poem) pairs spread evenly over the val split, each fitting the context in the format fmt (the longest
+    format they will be given in): the same poems in every column and at every eval."""
     fits = []
     for p in val_poems:
         title = clean_title(p.title)
         if title in MEANINGLESS_TITLES:
             continue
-        if len(tokenizer.encode(TITLE_TO_POEM.prompt(title) + p.body + TITLE_TO_POEM.end, unknown="unk")) <= block_size + 1:
+        if len(tokenizer.encode(fmt.prompt(title) + p.body + fmt.end, unknown="unk")) <= block_size + 1:
             fits.append((title, p.body))
     if not fits:
         raise ValueError("no held-out poem fits the context; use a larger block_size")
@@ -142,7 +142,7 @@ def compare(base, sft, tokenizer, splits, n_titles=200, max_new_tokens=MAX_NEW_T
     model). Returns (columns, evalset, yardstick)."""
     yard = yardstick or Yardstick(splits["train"])
     evalset = eval_set(splits[held_out], splits["train"], n_titles)
-    sample = val_sample(splits["val"], tokenizer, base.config.block_size)
+    sample = val_sample(splits["val"], tokenizer, base.config.block_size, fmt=fmt)
     plain, sft_format = loss_batches(tokenizer, sample, PLAIN), loss_batches(tokenizer, sample, fmt)  # the same poems
     columns = [("real poems", reference(yard, evalset)),
                ("base, own format", measure(base, tokenizer, evalset.titles, yard, PLAIN, plain, max_new_tokens)),

@@ -61,9 +61,11 @@ def judge(answer, stopped, example, yard, prefer):
 
 # ---- the prompts ----
 
-def dpo_prompts(poems, tasks, rhyme_groups, fmt=TITLE_TO_POEM):
+def dpo_prompts(poems, tasks, rhyme_groups, fmt=TITLE_TO_POEM, leave_out=frozenset()):
     """The prompts of the split for the tasks the SFT model was trained on that answer with a whole poem: one per
-    distinct title for title -> poem (the one fixed instruction), the tasks' trained phrasings for the others."""
+    distinct title for title -> poem (the one fixed instruction), the tasks' trained phrasings for the others.
+    leave_out: titles whose poems give no prompt (held-out prompts leave out every title a training poem has)."""
+    poems = [p for p in poems if clean_title(p.title) not in leave_out]
     if [t.name for t in tasks] == ["poem"]:
         seen, out = set(), []
         for p in poems:
@@ -124,20 +126,24 @@ def pair_up(exs, prompts, written, yard, prefer, fits=lambda text: True, per_pro
 
 
 def _pairs_of_one_prompt(ex, prompt, judged, stops, yard, prefer, per_prompt, hold):
-    """pair_up's pairs for one prompt, from its judged answers {answer: why it fails, '' if it passes}."""
+    """pair_up's pairs for one prompt, from its judged answers {answer: why it fails, '' if it passes}. The passing
+    answers serve in turn; one that has no fair partner left leaves the turn, and the next one is tried."""
     good, bad, pairs = [a for a, why in judged.items() if not why], [a for a, why in judged.items() if why], []
     held = {a: not hold or hold.passes(a, ex.input, yard) for a in judged}
     good.sort(key=lambda a: not held[a])  # stable: otherwise in the order written
-    for k in range(per_prompt if good else 0):  # passing answers are rare: each serves in turn
-        chosen = good[k % len(good)]
+    turn = 0
+    while len(pairs) < per_prompt and good:  # passing answers are rare: each serves in turn
+        chosen = good[turn % len(good)]
         # a near miss of another length would teach the length: only a gate failure may differ in it
         fair = [a for a in bad if (judged[a] != f"not {prefer.name}" or a.count("\n") == chosen.count("\n"))
                 and (held[chosen] or not held[a])]
         if not fair:
-            break
+            good.remove(chosen)  # the next passing answer takes its turn
+            continue
         rejected = min(fair, key=lambda a: judged[a] != f"not {prefer.name}")
         bad.remove(rejected)
         pairs.append(Pair(ex.task, prompt, chosen, rejected, judged[rejected], stops[rejected], title=ex.input))
+        turn += 1
     return pairs
 
 

@@ -232,3 +232,24 @@ def test_a_sample_marks_what_its_preference_reads():
     assert mark(RHYMES, "秋雨", YARD, title).endswith("<- no character of 秋雨")
     assert mark(RHYMES, "河畔", YARD, both) == ("白日依山盡，黃[河]入海[流]。\n欲窮千里目，更上一層[樓]。   <- rhymes; "
                                               "names its title")
+
+
+def test_a_passing_answer_without_a_partner_gives_its_turn_to_the_next():
+    """The order the answers come in does not decide whether a prompt gives a pair."""
+    yard = SimpleNamespace(rhyme_groups={"流": "流", "樓": "流", "秋": "流", "舟": "流", "深": "深"}, train_clauses=set())
+    long_miss = LUSHI.replace("樓", "深")  # a 律詩 that fails on rhyme alone: the 絕句 may not be paired with it
+    ex = Example("poem", TITLE_TO_POEM.instruction, "登樓", "")
+    for order in ([(RHYMES, True), (LUSHI, True), (long_miss, True)], [(LUSHI, True), (RHYMES, True), (long_miss, True)]):
+        pairs, counts = pair_up([ex], ["p"], [order], yard, PREFERENCES["rhyme"], per_prompt=1)
+        assert [(p.chosen, p.rejected) for p in pairs] == [(LUSHI, long_miss)] and counts["prompts_with_a_pair"] == 1
+
+
+def test_the_reference_is_measured_without_dropout(chars):
+    model = GPT(GPTConfig(vocab_size=chars.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.5)).train()
+    pairs = [Pair("poem", TITLE_TO_POEM.prompt("登樓"), RHYMES, NO_RHYME, "not rhyme")]
+    fill_reference(model, pairs, chars)
+    assert model.training  # given back as it was
+    batch = pair_batch(pairs, chars)
+    with torch.no_grad():
+        by_hand = dpo.sequence_logprobs(model.eval(), batch.chosen_x, batch.chosen_y).item()
+    assert pairs[0].ref_chosen == pytest.approx(by_hand, abs=1e-5)

@@ -107,3 +107,19 @@ def test_compare_scores_four_columns_on_the_same_titles(model, tokenizer, splits
     assert plain["mean_length"] <= 12 and plain["val_end_loss"] > 0 and "val_end_loss" not in real
     table = format_table(columns)
     assert "—" in table.split("\n")[1] and "title relevance lift" in table
+
+
+def test_the_val_sample_fits_the_chat_format_it_is_given_in(splits, tokenizer):
+    """A poem that fits the <INS> format exactly is one token too long in the chat one, whose prompt is longer."""
+    from minigpt.tasks import CHAT_POEM
+    chat = tokenizer.with_roles()
+    lengths = {len(chat.encode(TITLE_TO_POEM.prompt(p.title.strip()) + p.body + "<END>", unknown="unk")) for p in splits["val"]}
+    for block_size in sorted(lengths)[:6]:  # block sizes at which some poem fits the <INS> format exactly
+        block_size -= 1
+        try:
+            sample = val_sample(splits["val"], chat, block_size, n=1000, fmt=CHAT_POEM)
+        except ValueError:
+            continue  # nothing fits at all
+        model = GPT(GPTConfig(vocab_size=chat.vocab_size, block_size=block_size, n_layer=1, n_head=1, n_embd=8))
+        for x, _ in loss_batches(chat, sample, CHAT_POEM)["poem"]:
+            model(x)  # would raise: "sequence of ... tokens is longer than block_size"

@@ -304,3 +304,41 @@ def test_stage_settings_are_kept_whole_and_an_older_run_is_refused_on_resume_in_
                                   "--sample-chars", "0"], "train_pretrain.py")
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err == "error: --sample-chars must be positive, got 0"
+
+
+def test_dpo_starts_at_log_2_even_from_a_model_trained_with_dropout(pretrained, tmp_path, monkeypatch):
+    """The policy trains without dropout (the reference is measured without it), so its first step is the reference."""
+    sft, out = tmp_path / "sft", tmp_path / "dpo"
+    train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(pretrained[0]), "--out-dir", str(sft),
+                    "--device", "cpu", "--dropout", "0.3", "--max-steps", "2"])
+    assert torch.load(sft / "ckpt.pt", weights_only=True)["model_config"]["dropout"] == 0.3
+    monkeypatch.setattr(pairing, "judge", stand_in_judge)
+    real, losses = train_dpo.dpo_loss, []
+
+    def recorded(*args, **kw):
+        loss, n = real(*args, **kw)
+        losses.append(loss.item())
+        return loss, n
+    monkeypatch.setattr(train_dpo, "dpo_loss", recorded)
+    train_dpo.main(DPO + ["--init-from", str(sft), "--out-dir", str(out), "--pairs", "whole", "--sft-weight", "0",
+                          "--max-steps", "2"])
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_held_out_dpo_prompts_have_no_title_of_a_training_poem(finetuned, tmp_path, monkeypatch):
+    from minigpt.data import load_poems, split_poems
+    from minigpt.verse import clean_title
+    splits = split_poems(load_poems(FIXTURE_CORPUS))
+    train_titles = {clean_title(p.title) for p in splits["train"]}
+    assert {clean_title(p.title) for p in splits["val"]} & train_titles  # the fixture has such a title: the test can fail
+    asked = []
+
+    def recorded(model, tokenizer, exs, yard, prefer, **kw):
+        asked.append([ex.input for ex in exs])
+        return pairing.make_pairs(model, tokenizer, exs, yard, prefer, **kw)
+    monkeypatch.setattr(pairing, "judge", stand_in_judge)
+    monkeypatch.setattr(train_dpo, "make_pairs", recorded)
+    train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(tmp_path), "--pairs", "whole", "--max-steps", "1",
+                          "--val-prompts", "1000"])
+    train_asked, held_asked = asked
+    assert held_asked and not set(held_asked) & train_titles and set(train_asked) <= train_titles
