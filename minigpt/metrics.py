@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 
 from minigpt.tokenizer import ROLE_TOKENS, SPECIAL_TOKENS
-from minigpt.verse import (after_first_poem, clauses, content_chars, ending_places, first_poem, is_regular,
-                           learn_rhyme_groups, line_endings, rhymes)
+from minigpt.verse import (PUNCTUATION, after_first_poem, clauses, content_chars, ending_places, first_poem,
+                           is_regular, learn_rhyme_groups, line_endings, rhymes)
 
 # ---- checks of one answer: pure functions of strings ----
 
@@ -23,9 +23,17 @@ def runs_on(text):
 
 
 def mentions_title(title, answer):
-    """The answer holds a content character of the title; a line that is only the title repeated does not count."""
-    lines = [line for line in answer.split("\n") if line.strip() != title.strip()]
-    return bool(content_chars(title) & set("".join(lines)))
+    """The answer holds a content character of the title; a clause that is only the title pasted in (a line of its own,
+    or 春夜喜雨。 opening the poem) does not count."""
+    whole = PUNCTUATION.sub("", title)
+    return bool(content_chars(title) & set("".join(c for c in clauses(answer) if c != whole)))
+
+
+def holds_title_run(title, answer):
+    """The answer holds two or more characters of its title in a row (a pasted title shows here; so do real poems that
+    name their subject, which is why the real poems' figure stands beside it)."""
+    whole = PUNCTUATION.sub("", title)
+    return any(whole[i:i + 2] in answer for i in range(len(whole) - 1))
 
 
 def title_places(pieces, title):
@@ -34,10 +42,15 @@ def title_places(pieces, title):
     return [i for i, piece in enumerate(pieces) if piece in chars]
 
 
+def one_apart(a, b):
+    """Two clauses of one length that differ in at most one character (山高月小水長流, 山高月小水長樓)."""
+    return len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 1
+
+
 def repeats_clause(answer):
-    """The answer writes some clause twice."""
+    """The answer writes some clause twice, or again with one character changed."""
     cs = clauses(answer)
-    return len(set(cs)) < len(cs)
+    return any(one_apart(a, b) for i, a in enumerate(cs) for b in cs[i + 1:])
 
 
 # ---- rates over answers ----
@@ -55,6 +68,31 @@ def copy_rate(answers, train_clauses):
     """The share of the answers' clauses that stand verbatim among the training poems' clauses."""
     cs = [c for a in answers for c in clauses(a)]
     return sum(c in train_clauses for c in cs) / max(len(cs), 1)
+
+
+def near_copy_rate(answers, train_clauses, near):
+    """The share of the answers' clauses that are not verbatim training clauses but one character away from one (a
+    training poem with a character changed per clause); near: what NearClauses gives for the training clauses."""
+    cs = [c for a in answers for c in clauses(a)]
+    return sum(c not in train_clauses and near.has(c) for c in cs) / max(len(cs), 1)
+
+
+class NearClauses:
+    """Every training clause with each of its characters in turn made a wildcard, hashed: a clause one character away
+    from a training clause shares one of these. Built on first use (a few seconds over the whole corpus)."""
+
+    def __init__(self, train_clauses):
+        self.keys = {hash(c[:i] + "\0" + c[i + 1:]) for c in train_clauses for i in range(len(c))}
+
+    def has(self, clause):
+        return any(hash(clause[:i] + "\0" + clause[i + 1:]) in self.keys for i in range(len(clause)))
+
+
+def distinct_endings(answers):
+    """Distinct line-ending characters over all line endings of all answers: a template that always ends on the same
+    few characters scores near 0."""
+    ends = [c for a in answers for c in line_endings(a)]
+    return len(set(ends)) / max(len(ends), 1)
 
 
 def distinct_clauses(answers):
@@ -144,10 +182,15 @@ METRICS = [
     Metric("relevance_shuffled", "mentions a shuffled title", "rate", lambda s: s.relevance[1],
            plot=("C3", "--", "mentions a shuffled title")),
     Metric("relevance_lift", "title relevance lift (points)", "points", lambda s: s.relevance[2], "title lift"),
+    Metric("title_run_rate", "holds 2+ title characters in a row", "rate",
+           lambda s: share(map(holds_title_run, s.titles, s.answers))),
     Metric("copy_rate", "clauses copied from train", "rate", lambda s: copy_rate(s.answers, s.yard.train_clauses),
            "copied"),
+    Metric("near_copy_rate", "clauses 1 character from a train one", "rate",
+           lambda s: near_copy_rate(s.answers, s.yard.train_clauses, s.yard.near), "near-copied"),
     Metric("repeat_rate", "repeats a clause", "rate", lambda s: share(map(repeats_clause, s.answers)), "repeats"),
     Metric("distinct_clauses", "distinct clauses", "rate", lambda s: distinct_clauses(s.answers)),
+    Metric("distinct_endings", "distinct line endings", "rate", lambda s: distinct_endings(s.answers)),
     RHYME,
     # by length: two line endings (絕句) rhyme by chance far more often than four (律詩)
     Metric("share_jueju", "絕句 (of regular answers)", "rate", lambda s: share(a.count("\n") == 1 for a in s.regular)),
@@ -215,6 +258,14 @@ class Yardstick:
     def __init__(self, train_poems):
         self.train_clauses = {c for p in train_poems for c in clauses(p.body)}
         self.rhyme_groups = learn_rhyme_groups(p.body for p in train_poems)
+        self._near = None
+
+    @property
+    def near(self):
+        """The training clauses' one-character-away index (NearClauses), built when first asked for."""
+        if self._near is None:
+            self._near = NearClauses(self.train_clauses)
+        return self._near
 
     def score(self, titles, texts, stopped=None):
         """{metric key: value} over the answers (rates as fractions 0-1). texts: what was written up to the end marker

@@ -1,4 +1,5 @@
 """DPO: the loss against a hand computation, log 2 at the reference, pairs labelled by the checker, the prompt masked."""
+import collections
 import math
 from types import SimpleNamespace
 
@@ -253,3 +254,72 @@ def test_the_reference_is_measured_without_dropout(chars):
     with torch.no_grad():
         by_hand = dpo.sequence_logprobs(model.eval(), batch.chosen_x, batch.chosen_y).item()
     assert pairs[0].ref_chosen == pytest.approx(by_hand, abs=1e-5)
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in model whose next-token logits are set by hand at chosen positions (everywhere else flat and low)."""
+
+    def __init__(self, vocab_size, at):
+        super().__init__()
+        self.config, self.vocab_size, self.at = SimpleNamespace(block_size=128), vocab_size, at
+        self.register_buffer("anchor", torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def forward(self, idx):
+        logits = torch.full((idx.size(0), idx.size(1), self.vocab_size), -30.0)
+        for t, row in self.at.items():
+            for i, v in row.items():
+                logits[:, t, i] = v
+        return logits, None
+
+
+ENDINGS = SimpleNamespace(rhyme_groups={"流": "A", "樓": "A", "舟": "A", "深": "B", "心": "B"}, train_clauses=set())
+
+
+def scripted_pairs(monkeypatch, chars, choices, seed=0, top_k=50, yard=ENDINGS, hold=None, title="登樓"):
+    """ending_pairs on RHYMES (endings 流, 樓) written by a model that, where the second ending is chosen, puts
+    choices {character: logit} and nothing else among its likely characters."""
+    ex = Example("poem", TITLE_TO_POEM.instruction, title, "")
+    prompt = chars.encode(TITLE_TO_POEM.prompt(title))
+    at = len(prompt) + ending_places(RHYMES)[1] - 1  # the position whose logits choose the second ending
+    model = Scripted(chars.vocab_size, {at: {chars.stoi[c]: v for c, v in choices.items()}})
+    monkeypatch.setattr(pairing, "write", lambda m, tok, prompts, *a, **k: [(RHYMES, True)])
+    return ending_pairs(model, chars, [ex], yard, per_prompt=1, seed=seed, top_k=top_k, hold=hold)
+
+
+@pytest.fixture
+def wide():
+    return CharTokenizer(RHYMES + NO_RHYME + "舟心深秋登樓" + TITLE_TO_POEM.instruction)
+
+
+def test_ending_pairs_read_the_model_where_it_chooses_the_ending(monkeypatch, wide):
+    pairs, _ = scripted_pairs(monkeypatch, wide, {"樓": 5.0, "深": 3.0})
+    assert [(p.chosen, p.rejected) for p in pairs] == [(RHYMES, RHYMES.replace("樓", "深"))]
+
+
+def test_ending_pairs_keep_to_the_top_k_and_draw_by_probability(monkeypatch, wide):
+    four = {"樓": 5.0, "舟": 4.0, "深": 3.0, "心": 2.0}
+    assert scripted_pairs(monkeypatch, wide, four, top_k=2)[0] == []  # 樓 and 舟 both rhyme: no unrhyming choice
+    assert len(scripted_pairs(monkeypatch, wide, four, top_k=3)[0]) == 1
+    drawn = [scripted_pairs(monkeypatch, wide, four, seed=s)[0][0] for s in range(40)]
+    last = len(RHYMES) - 2
+    chosen, rejected = collections.Counter(p.chosen[last] for p in drawn), collections.Counter(p.rejected[last] for p in drawn)
+    assert set(chosen) == {"樓", "舟"} and set(rejected) == {"深", "心"}  # drawn, not always the first option
+    assert chosen["樓"] > chosen["舟"] and rejected["深"] > rejected["心"]  # e^5 : e^4, e^3 : e^2
+
+
+def test_an_ending_pair_whose_rejected_side_fails_more_than_the_rhyme_is_refused(monkeypatch, wide):
+    copying = SimpleNamespace(rhyme_groups=ENDINGS.rhyme_groups, train_clauses={"更上一層深"})
+    pairs, counts = scripted_pairs(monkeypatch, wide, {"樓": 5.0, "深": 3.0}, yard=copying)
+    assert pairs == [] and counts["rejected fails more than the rhyme"] == 1  # 更上一層深 copies a training clause
+    pairs, counts = scripted_pairs(monkeypatch, wide, {"樓": 5.0, "深": 3.0}, hold=PREFERENCES["title"], title="深秋")
+    assert pairs == [] and counts["rejected fails more than the rhyme"] == 1  # only the rejected side names 深秋
+
+
+def test_the_gate_asks_for_what_the_task_asks():
+    form = Example("form", "", "登樓", "", "七言絕句")
+    assert gate(RHYMES, True, form, YARD) == "not what the task asks"  # a 五言絕句 for a 七言絕句
+    assert gate(RHYMES, True, Example("form", "", "登樓", "", "五言絕句"), YARD) == ""

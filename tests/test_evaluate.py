@@ -4,8 +4,8 @@ import torch
 
 from minigpt.data import PLAIN, TITLE_TO_POEM, Poem
 from minigpt.evaluate import answer_losses, answer_val_batches, compare, eval_set, format_table, loss_batches, val_sample
-from minigpt.metrics import (Yardstick, copy_rate, distinct_clauses, mentions_title, relevance, repeats_clause, rhymes,
-                             runs_on)
+from minigpt.metrics import (NearClauses, Yardstick, copy_rate, distinct_clauses, mentions_title, relevance, repeats_clause,
+                             rhymes, runs_on)
 from minigpt.verse import first_poem, is_regular
 from minigpt.model import GPT, IGNORE_INDEX, GPTConfig
 
@@ -123,3 +123,59 @@ def test_the_val_sample_fits_the_chat_format_it_is_given_in(splits, tokenizer):
         model = GPT(GPTConfig(vocab_size=chat.vocab_size, block_size=block_size, n_layer=1, n_head=1, n_embd=8))
         for x, _ in loss_batches(chat, sample, CHAT_POEM)["poem"]:
             model(x)  # would raise: "sequence of ... tokens is longer than block_size"
+
+
+def test_a_template_no_longer_scores_a_perfect_row():
+    """A 五絕 with the title's first two characters pasted in, one character varied per clause and the endings always
+    流/樓: it stops, is regular, rhymes and copies nothing, but the figures beside those expose it."""
+    from minigpt.metrics import distinct_endings, holds_title_run, near_copy_rate
+    titles = ["春夜喜雨", "登鸛雀樓", "秋日懷友", "江上送別"]
+    template = [f"{t[:2]}山月小，{t[:2]}水長流。\n{t[:2]}山月大，{t[:2]}水長樓。" for t in titles]
+    yard = Yardstick([Poem("a", "", tuple(QUATRAIN.split("\n")))])
+    yard.rhyme_groups = {"流": "A", "樓": "A"}
+    out = yard.score(titles, template, stopped=[True] * 4)
+    assert out["stop_rate"] == out["regular_rate"] == out["rhyme_rate"] == 1.0 and out["copy_rate"] == 0.0
+    assert out["repeat_rate"] == 1.0  # 春夜山月小 and 春夜山月大: one character apart is a repeat
+    assert out["title_run_rate"] == 1.0 and out["distinct_endings"] == 2 / 8
+    real = yard.score(["登鸛雀樓", "春曉"], [QUATRAIN, SPRING])
+    assert real["repeat_rate"] == 0.0 and real["title_run_rate"] == 0.0 and real["distinct_endings"] == 1.0
+    assert holds_title_run("登鸛雀樓", "更上鸛雀樓。") and not holds_title_run("登鸛雀樓", "雀鸛")
+    assert distinct_endings([QUATRAIN, QUATRAIN]) == 0.5
+    near = NearClauses({"白日依山盡", "黃河入海流"})
+    changed = "白日依山近，黃河入海深。"  # a training poem with one character changed per clause
+    assert copy_rate([changed], {"白日依山盡", "黃河入海流"}) == 0.0
+    assert near_copy_rate([changed], {"白日依山盡", "黃河入海流"}, near) == 1.0
+    assert near_copy_rate([QUATRAIN], {"白日依山盡", "黃河入海流"}, near) == 0.0  # verbatim copies count as copies only
+    assert near_copy_rate(["白月依山近，黃河入海深。"], {"白日依山盡"}, NearClauses({"白日依山盡"})) == 0.0  # two apart
+
+
+def test_a_pasted_title_is_no_mention_of_it():
+    assert not mentions_title("春夜喜雨", "春夜喜雨。\n" + QUATRAIN)  # opening with the title pasted in
+    assert not mentions_title("春夜喜雨", "春夜喜雨，白日依山盡。")
+    assert mentions_title("春夜喜雨", "春夜喜雨。\n夜來風雨聲，花落知多少。")  # 雨, 夜 in the verse itself
+    assert repeats_clause("山高月小水長流，山高月小水長樓。") and not repeats_clause("山高月小，水長流深。")
+
+
+def test_rhyme_is_rated_over_regular_answers_and_relevance_over_first_poems():
+    yard = Yardstick([Poem("a", "", tuple(QUATRAIN.split("\n")))])
+    yard.rhyme_groups = {"流": "A", "樓": "A"}
+    irregular = QUATRAIN.replace("依山盡", "依青山盡")  # its endings rhyme, but it is not regular verse
+    out = yard.score(["a", "b", "c"], [QUATRAIN, irregular, SPRING])
+    assert out["rhyme_rate"] == 0.5  # of the two regular answers, one rhymes
+    run_on = SPRING + "\n\n登鸛雀樓\n" + QUATRAIN  # the title's 樓 only after the first poem
+    assert yard.score(["登鸛雀樓"], [run_on])["relevance"] == 0.0
+
+
+def test_the_rhyme_checker_is_calibrated_against_shuffled_endings():
+    """The two figures behind the rhyme row's note: real regular poems rhyme; the same poems with line endings drawn
+    from the others mostly do not. Irregular poems count in neither."""
+    groups = {"流": "A", "樓": "A", "州": "A", "鳥": "B", "少": "B", "曉": "B"}
+
+    def quatrain(x, y):
+        return Poem("t", "", (f"山山山山山，水水水水{x}。", f"月月月月月，風風風風{y}。"))
+    poems = [quatrain("流", "樓"), quatrain("樓", "州"), quatrain("鳥", "少"), quatrain("少", "曉")] * 5
+    poems += [Poem("t", "", ("山山山山山山，水水水水流。", "月月月月月，風風風風鳥。"))] * 10  # irregular, no rhyme
+    yard = Yardstick(poems[:1])
+    yard.rhyme_groups = groups
+    real, shuffled = yard.calibrate(poems, seed=0)
+    assert real == 1.0 and shuffled < 0.6

@@ -213,3 +213,20 @@ def test_resume_cuts_the_log_back_in_one_rename_and_drops_a_torn_line(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         keep_log_until(str(path), 5)
     assert path.read_text(encoding="utf-8") == "".join(lines)  # the old log, whole
+
+
+def test_a_resumed_run_keeps_its_time_reserve_and_its_clock(tmp_path, monkeypatch):
+    """The budget's reserve for the last eval and the time already spent come back with the checkpoint."""
+    from minigpt.checkpoint import save_checkpoint
+    part = str(tmp_path / "part")
+    interrupt_at(monkeypatch, 13)
+    with pytest.raises(SystemExit):
+        run(train_pretrain.main, TINY + ["--out-dir", part, "--max-minutes", "10"], "train_pretrain.py")
+    monkeypatch.undo()
+    path = os.path.join(part, "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["reserve"], ckpt["elapsed_s"] = 7.0, 100.0  # as if the evals so far took 7 s, and 100 s had gone by
+    save_checkpoint(path, ckpt)
+    train_pretrain.main(TINY + ["--out-dir", part, "--resume"])
+    resumed = torch.load(path, weights_only=True)
+    assert resumed["reserve"] == 7.0 and resumed["elapsed_s"] >= 100.0  # the reserve only grows, and the clock goes on

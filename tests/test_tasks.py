@@ -34,6 +34,10 @@ def test_poem_and_form_checkers():
     assert not poem("白日依山盡黃河入海流", ex("poem"))
     assert form(QIJUE, ex("form", want="七言絕句")) and not form(WUJUE, ex("form", want="七言絕句"))
     assert not form(QIJUE + "\n\n又\n" + QIJUE, ex("form", want="七言絕句"))
+    assert not form(QILU, ex("form", want="七言絕句")) and not form(WUJUE, ex("form", want="五言律詩"))  # length alone
+    assert not form(WUJUE.replace("白日依山盡", "白日依青山盡"), ex("form", want="五言絕句"))
+    followup = BY_NAME["followup"].check
+    assert followup(QIJUE, ex("followup", want=7)) and not followup(WUJUE, ex("followup", want=7))
 
 
 def test_acrostic_checker_counts_heads_in_order():
@@ -42,6 +46,10 @@ def test_acrostic_checker_counts_heads_in_order():
     assert head_hits(WUJUE, want) == 4 and head_hits(WUJUE, "白黃更欲") == 2
     assert not BY_NAME["acrostic"].check(WUJUE, ex("acrostic", want="白黃更欲"))
     assert not BY_NAME["acrostic"].check(WULU, ex("acrostic", want=want))  # eight clauses for four heads
+    eight = WUJUE + "\n" + WULU.split("\n", 2)[2]  # a 律詩 whose first four clauses have the heads: eight clauses
+    assert head_hits(eight, want) == 4 and not BY_NAME["acrostic"].check(eight, ex("acrostic", want=want))
+    uneven = WUJUE.replace("依山盡", "依青山盡")  # the four heads in place, a clause of six: not a regular poem
+    assert head_hits(uneven, want) == 4 and not BY_NAME["acrostic"].check(uneven, ex("acrostic", want=want))
 
 
 def test_continuation_keeps_the_form_of_the_given_couplet():
@@ -51,6 +59,9 @@ def test_continuation_keeps_the_form_of_the_given_couplet():
     assert check(rest.split("\n")[0], ex("continuation", first))  # two couplets in all: a 五言絕句, a regular length
     assert not check(QILU.split("\n", 1)[1], ex("continuation", first))  # seven characters after five
     assert not check(rest.split("\n", 1)[1], ex("continuation", first))  # three couplets: neither 絕句 nor 律詩
+    assert not check(first, ex("continuation", first))  # the given couplet echoed: a 絕句 in shape, no continuation
+    assert not check("\n".join([first] * 3), ex("continuation", first))  # echoed three times: a 律詩 in shape
+    assert not check(rest.split("\n")[0] + "\n\n登樓\n" + WUJUE, ex("continuation", first))  # runs on
 
 
 def test_naming_checker_wants_a_short_title_about_the_poem():
@@ -59,6 +70,10 @@ def test_naming_checker_wants_a_short_title_about_the_poem():
     assert not check("春夜喜雨", ex("naming", WUJUE))  # nothing of it in the poem
     assert not check("白日依山盡，黃河入海流。", ex("naming", WUJUE))  # a line of verse, not a title
     assert not check("登樓\n登樓", ex("naming", WUJUE)) and not check("", ex("naming", WUJUE))
+    assert not check("白日依山盡", ex("naming", WUJUE)) and not check("樓", ex("naming", WUJUE))  # the poem's own text
+    assert not check("白日依山", ex("naming", WUJUE)) and check("黃河", ex("naming", WUJUE))  # a word of it may name it
+    assert not check("登樓遠望黃河白日千里更上層", ex("naming", WUJUE))  # thirteen characters: not a title
+    assert check("登樓遠望黃河白日千里更上", ex("naming", WUJUE))  # twelve
 
 
 def test_rhyme_checker_uses_the_asked_group():
@@ -67,6 +82,7 @@ def test_rhyme_checker_uses_the_asked_group():
     assert check(WUJUE, ex("rhyme", want=group_1))
     assert not check(WULU, ex("rhyme", want=group_1))  # it rhymes, in another group
     assert not check(WUJUE.replace("樓", "流"), ex("rhyme", want=group_1))  # the same ending twice
+    assert not check(WUJUE.replace("依山盡", "依青山盡"), ex("rhyme", want=group_1))  # its endings rhyme; no regular poem
 
 
 def test_examples_are_phrased_and_keep_the_unseen_combination_out_of_training():
@@ -312,3 +328,16 @@ def test_single_title_sft_is_the_poem_task_in_its_one_fixed_phrasing(tokenizer):
     assert made.examples == [render_sft(chat, p.title.split()[0], p.body, CHAT_POEM) for p in poems[:3] + poems[4:]]
     relevant = task_data(poems, tokenizer, 128, [single_poem_task("relevant")], GROUPS)
     assert len(relevant.examples) == 0  # 登高 and 秋興 name nothing their poems hold
+
+
+def test_the_task_table_has_the_real_answers_and_their_chance_level():
+    from minigpt.tasks import reference_columns
+    poems = [Poem(title, "", tuple(body.split("\n")))
+             for title, body in [("登鸛雀樓", WUJUE), ("早發白帝城", QIJUE), ("春望", WULU), ("登高", QILU)]]
+    naming = [e for e in examples(poems, TASKS, GROUPS) if e.task == "naming"]
+    assert [e.answer for e in naming] == ["登鸛雀樓", "早發白帝城", "春望", "登高"]
+    (real_name, real), (chance_name, chance) = reference_columns({"naming": naming})
+    assert real["naming"]["comply"] == 1.0 and real["naming"]["stop"] is None  # every real title names its poem
+    # each poem against the title two places on (春望 for 白日依山盡 ...): the chance level, by hand
+    by_hand = sum(BY_NAME["naming"].check(naming[(i + 2) % 4].answer, e) for i, e in enumerate(naming)) / 4
+    assert chance["naming"]["comply"] == by_hand < 1.0

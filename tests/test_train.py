@@ -143,3 +143,14 @@ def test_early_evals_are_spaced_out_logarithmically():
     assert train.early_eval_steps(200) == [10, 25, 50, 100]
     assert train.early_eval_steps(1500) == [10, 25, 50, 100, 250, 500, 1000]
     assert train.early_eval_steps(10) == []
+
+
+def test_the_step_clips_a_huge_gradient():
+    model = torch.nn.Linear(4, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = model.weight.detach().clone()
+    batch = (torch.ones(2, 4),)
+    train.train_step(model, opt, batch, lambda m, b: 1000 * m(b[0]).sum(), grad_clip=1.0)  # gradient norm about 4000
+    assert (model.weight.detach() - before).norm().item() == pytest.approx(1.0, rel=1e-4)  # lr x the clipped norm
+    train.train_step(model, opt, batch, lambda m, b: 1000 * m(b[0]).sum(), grad_clip=0.0)  # 0: no clipping
+    assert (model.weight.detach() - before).norm().item() > 100
