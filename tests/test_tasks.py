@@ -38,6 +38,8 @@ def test_poem_and_form_checkers():
     assert not form(WUJUE.replace("白日依山盡", "白日依青山盡"), ex("form", want="五言絕句"))
     followup = BY_NAME["followup"].check
     assert followup(QIJUE, ex("followup", want=7)) and not followup(WUJUE, ex("followup", want=7))
+    mixed = QIJUE.split("\n")[0] + "\n" + WUJUE.split("\n")[1]  # a 七言 couplet, then a 五言 one: no regular poem
+    assert not followup(mixed, ex("followup", want=7)) and not followup(mixed, ex("followup", want=5))
 
 
 def test_acrostic_checker_counts_heads_in_order():

@@ -154,3 +154,14 @@ def test_the_step_clips_a_huge_gradient():
     assert (model.weight.detach() - before).norm().item() == pytest.approx(1.0, rel=1e-4)  # lr x the clipped norm
     train.train_step(model, opt, batch, lambda m, b: 1000 * m(b[0]).sum(), grad_clip=0.0)  # 0: no clipping
     assert (model.weight.detach() - before).norm().item() > 100
+
+
+@pytest.mark.slow
+def test_every_mutant_of_the_yardstick_and_the_loop_is_caught():
+    """tools/mutants.py: each function behind a figure, broken one way at a time, makes a test fail (minutes)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import mutants
+    rows = mutants.main([])
+    assert [name for name, verdict, _ in rows if verdict != "caught"] == []

@@ -1,0 +1,172 @@
+"""Mutation check: break one function behind a figure at a time, run the tests that guard it, and say which test
+catches the break. A mutant that no test catches is a function the figures rest on without a guard.
+
+    python tools/mutants.py              # every mutant against its tests (a few minutes on 2 cores)
+    python tools/mutants.py --only dpo   # the mutants whose name holds 'dpo'
+    python tools/mutants.py --full       # each mutant against the whole default suite (slower)
+
+Each mutant is (name, file, the exact text, what it becomes, the test files to run). The repository is copied to a
+temporary folder once; every mutant is applied there, tested and undone, so the checkout is never touched.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MUTANTS = [
+    # preference pairs
+    ("ending pairs read the logits one position late", "minigpt/pairs.py",
+     "row = logits[0, len(prompt_ids) + places[k] - 1]", "row = logits[0, len(prompt_ids) + places[k]]", "test_dpo"),
+    ("ending pairs ignore top-k", "minigpt/pairs.py",
+     "top = torch.topk(row.float() / self.temperature, min(self.top_k, row.size(-1)))",
+     "top = torch.topk(row.float() / self.temperature, row.size(-1))", "test_dpo"),
+    ("ending pairs take the first option instead of a draw", "minigpt/pairs.py",
+     "picks = [side[torch.multinomial(", "picks = [side[0][0] for side in sides] or [side[torch.multinomial(", "test_dpo"),
+    ("the rejected side's gates are not re-checked", "minigpt/pairs.py",
+     "if gate(rejected, True, ex, self.yard) or worked_against:", "if worked_against:", "test_dpo"),
+    ("ending pairs ignore --hold", "minigpt/pairs.py",
+     "worked_against = hold and hold.passes(", "worked_against = False and hold.passes(", "test_dpo"),
+    ("the gate skips the task's check", "minigpt/pairs.py",
+     " or not BY_NAME[example.task].check(answer, example):", ":", "test_dpo"),
+    ("pair_up gives up on a prompt", "minigpt/pairs.py",
+     "good.remove(chosen)  # the next passing answer takes its turn\n            continue",
+     "break", "test_dpo"),
+    ("held-out DPO prompts keep training titles", "minigpt/pairs.py",
+     "poems = [p for p in poems if clean_title(p.title) not in leave_out]", "poems = list(poems)", "test_scripts"),
+    # the DPO loss and its reference
+    ("the DPO loss's sign is flipped", "minigpt/dpo.py",
+     "loss = -F.logsigmoid(chosen - rejected).mean()", "loss = -F.logsigmoid(rejected - chosen).mean()", "test_dpo"),
+    ("the reference is measured in train mode", "minigpt/dpo.py",
+     "    with evaluating(reference):\n        for i in range(0, len(pairs), batch_size):",
+     "    with contextlib.nullcontext():\n        for i in range(0, len(pairs), batch_size):", "test_dpo"),
+    ("the DPO policy keeps the SFT model's dropout", "train_dpo.py",
+     "GPT(dataclasses.replace(ref.config, dropout=0.0))", "GPT(ref.config)", "test_scripts"),
+    # the rules of verse and the metrics
+    ("the rhyme-group learner ignores its weak threshold", "minigpt/verse.py",
+     "        if n >= weak:", "        if n >= 1:", "test_verse"),
+    ("the rhyme-group learner learns from every poem", "minigpt/verse.py",
+     "        if is_regular(body):\n            pairs.update", "        if True:\n            pairs.update", "test_verse"),
+    ("the calibration's shuffled endings are the poems' own", "minigpt/metrics.py",
+     "shuffled = [[pool[i] for i in torch.randint(len(pool), (len(line_endings(t)),), generator=gen).tolist()]\n"
+     "                    for t in real]", "shuffled = [line_endings(t) for t in real]", "test_evaluate"),
+    ("the calibration's real rate counts irregular poems", "minigpt/metrics.py",
+     "real = [p.body for p in poems if is_regular(p.body)]", "real = [p.body for p in poems]", "test_evaluate"),
+    ("the rhyme rate is over all answers", "minigpt/metrics.py",
+     "rhymes(a, self.yard.rhyme_groups) for a in self.regular", "rhymes(a, self.yard.rhyme_groups) for a in self.answers",
+     "test_evaluate"),
+    ("relevance is scored on the raw text", "minigpt/metrics.py",
+     "self.relevance = relevance(titles, self.answers)", "self.relevance = relevance(titles, texts)", "test_evaluate"),
+    ("a pasted title counts as a mention", "minigpt/metrics.py",
+     'join(c for c in clauses(answer) if c != whole)', 'join(c for c in clauses(answer))', "test_evaluate"),
+    ("a clause with one character changed is no repeat", "minigpt/metrics.py",
+     "sum(x != y for x, y in zip(a, b)) <= 1", "sum(x != y for x, y in zip(a, b)) < 1", "test_evaluate"),
+    ("near-copies are never found", "minigpt/metrics.py",
+     'return any(hash(clause[:i] + "\\0" + clause[i + 1:]) in self.keys for i in range(len(clause)))', "return False",
+     "test_evaluate"),
+    ("the val sample fits the <INS> format only", "minigpt/evaluate.py",
+     "tokenizer.encode(fmt.prompt(title) + p.body + fmt.end", "tokenizer.encode(TITLE_TO_POEM.prompt(title) + p.body + "
+     "TITLE_TO_POEM.end", "test_evaluate"),
+    # the tasks' checkers
+    ("the acrostic check drops its clause count", "minigpt/tasks.py",
+     " and len(clauses(answer)) == len(example.want) and", " and", "test_tasks"),
+    ("the acrostic check drops its shape check", "minigpt/tasks.py",
+     "return is_regular(answer) and len(clauses(answer)) == len(example.want)",
+     "return len(clauses(answer)) == len(example.want)", "test_tasks"),
+    # (dropping `answer == first_poem(answer)` alone changes nothing: a run-on never has the shape of a form; scoring the
+    # first poem instead of the whole answer is the run-on let through)
+    ("continuation allows a run-on", "minigpt/tasks.py",
+     'return (answer == first_poem(answer) and form_of(example.input + "\\n" + answer)',
+     'return (form_of(example.input + "\\n" + first_poem(answer))', "test_tasks"),
+    ("continuation allows an echo of the given couplet", "minigpt/tasks.py",
+     "\n            and not set(clauses(answer)) & set(clauses(example.input)))", ")", "test_tasks"),
+    ("naming drops its length cap", "minigpt/tasks.py", "2 <= len(answer) <= 12", "2 <= len(answer)", "test_tasks"),
+    ("naming allows text lifted from the poem", "minigpt/tasks.py",
+     "and bool(content_chars(answer) & set(example.input)) and not lifted)",
+     "and bool(content_chars(answer) & set(example.input)))", "test_tasks"),
+    ("the rhyme task drops its poem check", "minigpt/tasks.py",
+     "return is_poem(answer) and len(set(ends)) == len(ends) and all(", "return len(set(ends)) == len(ends) and all(",
+     "test_tasks"),
+    ("the form check accepts any poem with clauses of the length", "minigpt/tasks.py",
+     "return answer == first_poem(answer) and form_of(answer) == example.want",
+     "return answer == first_poem(answer) and is_regular(answer) and len(clauses(answer)[0]) == "
+     "FORMS[example.want][0]", "test_tasks"),
+    # (inside a regular poem every clause has one length, so only without the poem check can one clause decide)
+    ("the line-length check accepts any clause of the length", "minigpt/tasks.py",
+     "return is_poem(answer) and {len(c) for c in clauses(answer)} == {example.want}",
+     "return example.want in {len(c) for c in clauses(answer)}", "test_tasks"),
+    ("the chance level is each example's own answer", "minigpt/tasks.py",
+     "[(exs[(i + n // 2) % n].answer, None) for i in range(n)]", "[(exs[i].answer, None) for i in range(n)]", "test_tasks"),
+    # data, generation and the loop
+    ("the SFT mask is dropped", "minigpt/data.py",
+     "keep = torch.ones(n, dtype=torch.bool) if train_on_prompt else torch.tensor(mask[1:], dtype=torch.bool)",
+     "keep = torch.ones(n, dtype=torch.bool)", "test_data"),
+    ("generation skips the padding mask", "minigpt/generate.py",
+     "mask = causal & self.real[:, None, None, :] | itself", "mask = causal | itself", "test_generate test_model"),
+    ("the window restart keeps the full window", "minigpt/generate.py",
+     "keep = self.W if not self.use_cache or self.caches is None else self.W // 2", "keep = self.W", "test_generate"),
+    ("resume forgets the time reserve", "minigpt/train.py",
+     'self.reserve, self.warm_progress = ckpt["reserve"], ckpt.get("warm_progress")',
+     'self.warm_progress = ckpt.get("warm_progress")', "test_resilience"),
+    ("resume forgets the data generator", "minigpt/train.py",
+     'self.data_gen.set_state(ckpt["rng"]["data"].cpu())', "pass", "test_resilience"),
+    ("the step skips gradient clipping", "minigpt/train.py", "    if grad_clip:\n", "    if False:\n", "test_train"),
+]
+
+
+def copy_repo(dest):
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", ".pytest_cache", "*.pyc"))
+
+
+def run_tests(repo, files, timeout=600):
+    """(passed, the first failing test or the error) of pytest -x on files in repo."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *files]
+    try:
+        out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout} s"
+    text = out.stdout + out.stderr
+    failed = re.search(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
+    return out.returncode == 0, failed.group(1) if failed else text.strip().splitlines()[-1] if text.strip() else ""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help="only the mutants whose name holds this text")
+    p.add_argument("--full", action="store_true", help="run the whole default suite against each mutant")
+    args = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.only in m[0]]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = os.path.join(tmp, "repo")
+        copy_repo(repo)
+        ok, why = run_tests(repo, ["tests"] if args.full else sorted({f"tests/{t}.py" for m in chosen for t in m[4].split()}))
+        if not ok:
+            raise SystemExit(f"the tests fail before any mutant: {why}")
+        for name, path, old, new, tests in chosen:
+            target = os.path.join(repo, path)
+            with open(target, encoding="utf-8") as f:
+                original = f.read()
+            if original.count(old) != 1:
+                rows.append((name, "NOT APPLIED", f"the text is in {path} {original.count(old)} times, not once"))
+                continue
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(original.replace(old, new))
+            try:
+                passed, why = run_tests(repo, ["tests"] if args.full else [f"tests/{t}.py" for t in tests.split()])
+            finally:
+                with open(target, "w", encoding="utf-8") as f:
+                    f.write(original)
+            rows.append((name, "SURVIVED" if passed else "caught", "" if passed else why))
+            print(f"{rows[-1][1]:8}  {name}  {rows[-1][2]}", flush=True)
+    caught = sum(r[1] == "caught" for r in rows)
+    print(f"\n{caught} of {len(rows)} mutants caught")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
