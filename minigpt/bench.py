@@ -5,9 +5,17 @@ SFT metrics' cost.
     python -m minigpt.bench                  # a few minutes on 2 CPU cores
     python -m minigpt.bench --device cuda    # the same on a GPU, with the gpu preset as the larger model
     python -m minigpt.bench --tiny           # seconds: checks that it runs
+    python -m minigpt.bench --time-to-loss default "lr 6e-3" --minutes 7   # pretraining variants, back to back
+
+The time-to-loss benchmark trains each variant of the pretraining (flags of train_pretrain.py on top of a preset) for
+the same wall-clock budget, one after the other on this machine, and prints the val loss each reaches at fixed
+minutes and the minutes each needs to reach given val losses, with a plot of val loss against minutes. Nothing else
+should run meanwhile: a budget fixes minutes, not steps.
 """
 import argparse
 import contextlib
+import json
+import os
 import statistics
 import time
 
@@ -112,12 +120,90 @@ GPU_PRESET = ("gpu preset (8x512, T=256, batch 64)", GPTConfig(VOCAB, block_size
 TINY = ("tiny (2x32, T=32, batch 4)", GPTConfig(500, block_size=32, n_layer=2, n_head=2, n_embd=32), 4)
 
 
+# ---- time to loss: pretraining variants on one budget, back to back ----
+
+VARIANTS = {  # name: flags of train_pretrain.py on top of the preset
+    "default": [],
+    "lr 6e-3": ["--lr", "6e-3", "--min-lr", "6e-4"],
+    "lr 1.5e-3": ["--lr", "1.5e-3", "--min-lr", "1.5e-4"],
+    "batch 16": ["--batch-size", "16"],
+    "float32": ["--dtype", "float32"],
+}
+
+
+def time_to_loss(names, minutes, out_root, seed=1337, preset="cpu", eval_every=400, extra=()):
+    """Train each named variant for `minutes`, one after the other; {name: [(minutes, val loss)]} from its evals."""
+    import train_pretrain  # the script itself, so that a variant is exactly what a learner would run
+    curves = {}
+    for name in names:
+        out = os.path.join(out_root, name.replace(" ", "_"))
+        train_pretrain.main(["--preset", preset, "--max-minutes", str(minutes), "--seed", str(seed), "--out-dir", out,
+                             "--overwrite", "--eval-every", str(eval_every), "--sample-every", "1000000000",
+                             *VARIANTS[name], *extra])
+        with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as f:
+            evals = [r for r in map(json.loads, f) if r["kind"] == "eval"]
+        curves[name] = [(r["elapsed_s"] / 60, r["val_loss"]) for r in evals]
+    return curves
+
+
+def loss_at(curve, t):
+    """The val loss at minute t, interpolated between evals (None before the first or after the last)."""
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if t0 <= t <= t1:
+            return l0 + (l1 - l0) * (t - t0) / max(t1 - t0, 1e-9)
+    return curve[-1][1] if curve and abs(curve[-1][0] - t) < 0.05 else None
+
+
+def minutes_to(curve, loss):
+    """The first minute at which the val loss reaches `loss`, interpolated (None if it never does)."""
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if l1 <= loss:
+            return t0 + (t1 - t0) * (l0 - loss) / max(l0 - l1, 1e-9) if l0 > loss else t0
+    return None
+
+
+def time_to_loss_table(curves, minutes, losses):
+    """The benchmark's printout: val loss at a quarter, half and all of the budget; minutes to each loss."""
+    times = [minutes / 4, minutes / 2, minutes]
+    fmt = lambda v, spec: "—" if v is None else format(v, spec)
+    lines = [f"{'variant':24s}" + "".join(f"{f'loss @ {t:g} min':>16s}" for t in times)
+             + "".join(f"{f'min to {x:g}':>12s}" for x in losses)]
+    for name, curve in curves.items():
+        lines.append(f"{name:24s}" + "".join(f"{fmt(loss_at(curve, t), '.3f'):>16s}" for t in times)
+                     + "".join(f"{fmt(minutes_to(curve, x), '.2f'):>12s}" for x in losses))
+    return "\n".join(lines)
+
+
+def time_to_loss_main(args):
+    from minigpt.plot import plot_curves
+    unknown = [n for n in args.time_to_loss if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown variant {unknown[0]!r}; pick from {', '.join(VARIANTS)}")
+    out_root = os.path.join("runs", "time_to_loss")
+    curves = time_to_loss(args.time_to_loss, args.minutes, out_root, args.seed, args.preset,
+                          extra=["--device", args.device])
+    print("\n" + time_to_loss_table(curves, args.minutes, args.losses))
+    png = plot_curves(curves, os.path.join(out_root, "val_loss.png"), "minutes (wall clock)", "val loss (nats/char)",
+                      f"pretraining, {args.minutes:g} minutes each, back to back")
+    print(f"plot: {png}")
+    return curves
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny sizes: checks that every part runs")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows (they compile for a minute)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps; on a GPU the larger model is the gpu preset")
+    p.add_argument("--time-to-loss", nargs="+", metavar="VARIANT",
+                   help=f"train these pretraining variants back to back instead ({', '.join(VARIANTS)})")
+    p.add_argument("--minutes", type=float, default=7.0, help="--time-to-loss: each variant's budget")
+    p.add_argument("--preset", default="cpu", help="--time-to-loss: the preset the variants change")
+    p.add_argument("--seed", type=int, default=1337, help="--time-to-loss: the seed of every variant")
+    p.add_argument("--losses", type=float, nargs="+", default=[5.0, 4.8, 4.6, 4.5],
+                   help="--time-to-loss: the val losses whose minutes are reported")
     args = p.parse_args(argv)
+    if args.time_to_loss:
+        return time_to_loss_main(args)
     try:
         device = pick_device(args.device)
     except ValueError as e:

@@ -33,9 +33,9 @@ def plot_losses(log_path, png_path, title=None):
     return _finish(fig, ax, "loss (nats per token)", title or log_path, png_path)
 
 
-def _finish(fig, ax, ylabel, title, png_path):
-    """Label, grid and legend a one-panel figure against steps, then save it."""
-    ax.set_xlabel("step")
+def _finish(fig, ax, ylabel, title, png_path, xlabel="step"):
+    """Label, grid and legend a one-panel figure (against steps, unless xlabel says otherwise), then save it."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -79,6 +79,14 @@ def plot_runs(runs, png_path, key="val_loss", title=None):
         evals = [r for r in read_log(path) if r["kind"] == "eval"]
         ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=label)
     return _finish(fig, ax, key.replace("_", " "), title or key, png_path)
+
+
+def plot_curves(curves, png_path, xlabel, ylabel, title):
+    """One line per named curve of (x, y) points: e.g. val loss against minutes for each variant of a benchmark."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in curves.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], "o-", ms=3, label=name)
+    return _finish(fig, ax, ylabel, title, png_path, xlabel)
 
 
 def plot_tasks(log_path, png_path, title="each task's compliance over SFT steps (val examples)"):

@@ -342,3 +342,17 @@ def test_held_out_dpo_prompts_have_no_title_of_a_training_poem(finetuned, tmp_pa
                           "--val-prompts", "1000"])
     train_asked, held_asked = asked
     assert held_asked and not set(held_asked) & train_titles and set(train_asked) <= train_titles
+
+
+def test_time_to_loss_reads_the_curves_back_to_back(tmp_path, monkeypatch):
+    from minigpt import bench
+    monkeypatch.setitem(bench.VARIANTS, "lr 3e-3", ["--lr", "3e-3", "--min-lr", "3e-4"])
+    curves = bench.time_to_loss(["default", "lr 3e-3"], 0.05, str(tmp_path), preset="tiny", eval_every=5,
+                                extra=["--corpus", FIXTURE_CORPUS, "--device", "cpu"])
+    assert list(curves) == ["default", "lr 3e-3"] and all(len(c) >= 3 for c in curves.values())
+    assert curves["default"] != curves["lr 3e-3"]  # the flags reached the run
+    curve = [(0.0, 6.0), (1.0, 5.0), (2.0, 4.0)]
+    assert bench.loss_at(curve, 1.5) == pytest.approx(4.5) and bench.minutes_to(curve, 4.5) == pytest.approx(1.5)
+    assert bench.minutes_to(curve, 3.0) is None and bench.loss_at(curve, 3.0) is None
+    table = bench.time_to_loss_table({"a": curve}, 2.0, [4.5, 3.0])
+    assert table.splitlines()[1].split() == ["a", "5.500", "5.000", "4.000", "1.50", "—"]
