@@ -128,6 +128,7 @@ VARIANTS = {  # name: flags of train_pretrain.py on top of the preset
     "lr 1.5e-3": ["--lr", "1.5e-3", "--min-lr", "1.5e-4"],
     "batch 16": ["--batch-size", "16"],
     "float32": ["--dtype", "float32"],
+    "muon": ["--optimizer", "muon"],
 }
 
 
@@ -147,11 +148,12 @@ def time_to_loss(names, minutes, out_root, seed=1337, preset="cpu", eval_every=4
 
 
 def loss_at(curve, t):
-    """The val loss at minute t, interpolated between evals (None before the first or after the last)."""
+    """The val loss at minute t, interpolated between evals; at the budget's end the last eval's (it comes a few
+    seconds before the end); None where the curve does not reach."""
     for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
         if t0 <= t <= t1:
             return l0 + (l1 - l0) * (t - t0) / max(t1 - t0, 1e-9)
-    return curve[-1][1] if curve and abs(curve[-1][0] - t) < 0.05 else None
+    return curve[-1][1] if curve and 0 <= t - curve[-1][0] < 0.03 * t else None
 
 
 def minutes_to(curve, loss):

@@ -108,6 +108,8 @@ class TrainConfig:
     seed: int = 1337
     dtype: str = "auto"  # float32, bfloat16 (autocast) or auto (bfloat16 where the hardware has it)
     compile: bool = False  # torch.compile the model for the training steps
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' weight matrices, AdamW for the rest (minigpt.optim)
+    muon_lr: float = 0.02  # Muon's learning rate at the top of the schedule (it follows the same warmup and cosine)
 
     def __post_init__(self):
         for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "sample_every", "log_every"):
@@ -120,16 +122,26 @@ class TrainConfig:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.dtype not in ("float32", "bfloat16", "auto"):
             raise ValueError(f"dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
 
 
 def make_optimizer(model, cfg):
-    """AdamW; weight decay on matrices only (not on biases, LayerNorm gains or position-free vectors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW; weight decay on matrices only (not on biases, LayerNorm gains or position-free vectors). With
+    cfg.optimizer muon, the blocks' weight matrices go to Muon instead. Every group's lr_scale says how its learning
+    rate stands to cfg.lr, so that one schedule moves them all."""
+    from minigpt.optim import Muon, Optimizers
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in named if cfg.optimizer == "muon" and n.startswith("blocks.") and p.dim() == 2]
+    rest = [p for _, p in named if all(p is not h for h in hidden)]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if not hidden:
+        return adamw
+    return Optimizers(Muon([{"params": hidden, "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr), adamw)
 
 
 def lr_at(step, progress, cfg, warm_progress=0.0):
@@ -306,7 +318,7 @@ class Run:
     def set_lr(self, progress):
         lr = self.clock.lr(self.step, progress)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups run at their own scale of the schedule
         return lr
 
     def after_step(self, loss, lr, n_tokens):

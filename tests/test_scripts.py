@@ -346,11 +346,11 @@ def test_held_out_dpo_prompts_have_no_title_of_a_training_poem(finetuned, tmp_pa
 
 def test_time_to_loss_reads_the_curves_back_to_back(tmp_path, monkeypatch):
     from minigpt import bench
-    monkeypatch.setitem(bench.VARIANTS, "lr 3e-3", ["--lr", "3e-3", "--min-lr", "3e-4"])
-    curves = bench.time_to_loss(["default", "lr 3e-3"], 0.05, str(tmp_path), preset="tiny", eval_every=5,
-                                extra=["--corpus", FIXTURE_CORPUS, "--device", "cpu"])
-    assert list(curves) == ["default", "lr 3e-3"] and all(len(c) >= 3 for c in curves.values())
-    assert curves["default"] != curves["lr 3e-3"]  # the flags reached the run
+    monkeypatch.setitem(bench.VARIANTS, "lr 1e-2", ["--lr", "1e-2", "--min-lr", "1e-3"])  # the tiny preset's is 3e-3
+    curves = bench.time_to_loss(["default", "lr 1e-2"], 1.0, str(tmp_path), preset="tiny", eval_every=5,
+                                extra=["--corpus", FIXTURE_CORPUS, "--device", "cpu"])  # 20 steps end it, not the time
+    assert list(curves) == ["default", "lr 1e-2"] and all(len(c) == 5 for c in curves.values())  # steps 0, 5, ..., 20
+    assert [l for _, l in curves["default"]][1:] != [l for _, l in curves["lr 1e-2"]][1:]  # the flags reached the run
     curve = [(0.0, 6.0), (1.0, 5.0), (2.0, 4.0)]
     assert bench.loss_at(curve, 1.5) == pytest.approx(4.5) and bench.minutes_to(curve, 4.5) == pytest.approx(1.5)
     assert bench.minutes_to(curve, 3.0) is None and bench.loss_at(curve, 3.0) is None
