@@ -63,10 +63,9 @@ def stage_settings(cls, args, extra):
     unknown = set(extra) - names
     if unknown:
         raise TypeError(f"preset keys {sorted(unknown)} are not fields of {cls.__name__}")
-    kw = {name: getattr(args, name) if getattr(args, name, None) is not None else extra[name]
-          for name in names if getattr(args, name, None) is not None or name in extra}
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     try:
-        return cls(**kw)
+        return cls(**{**extra, **given})
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -133,7 +133,8 @@ def make_optimizer(model, cfg):
     from minigpt.optim import Muon, Optimizers
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if cfg.optimizer == "muon" and n.startswith("blocks.") and p.dim() == 2]
-    rest = [p for _, p in named if all(p is not h for h in hidden)]
+    to_muon = {id(p) for p in hidden}
+    rest = [p for _, p in named if id(p) not in to_muon]
     groups = [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
