@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minigpt.verse import MEANINGLESS_TITLES, clauses, clean_title, couplet_keys, is_regular, join_groups
+from minigpt.verse import clauses, couplet_keys, join_groups
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "poems", "tang.jsonl.gz")
 SPLITS = {"train": 90, "val": 95, "test": 100}  # a poem's bucket (0-99) below 90 trains, 90-94 validates, 95-99 tests

@@ -274,10 +274,6 @@ class Yardstick:
         scored = Scored(titles, texts, stopped, self)
         return {m.key: m.compute(scored) for m in METRICS if m.compute is not None}
 
-    def rhyme_rate(self, poems):
-        """The share of the poems that rhyme, None for none."""
-        return share(rhymes(a, self.rhyme_groups) for a in poems)
-
     def calibrate(self, poems, seed=0):
         """(rhyme rate on real regular poems, on the same poems with line endings drawn from other poems)."""
         real = [p.body for p in poems if is_regular(p.body)]

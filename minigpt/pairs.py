@@ -18,7 +18,7 @@ from minigpt.loss_eval import evaluating
 from minigpt.metrics import PREFERENCES, repeats_clause
 from minigpt.tasks import BY_NAME, Example, examples, prompt_text
 from minigpt.verse import CLAUSE_MARKS, MEANINGLESS_TITLES, REGULAR_LINE, clauses, clean_title, ending_places, first_poem, \
-    is_regular, line_endings, rhymes
+    is_regular, rhymes
 
 RHYME = PREFERENCES["rhyme"]
 
@@ -185,8 +185,10 @@ class _EndingPairs:
     def pairs(self, ex, prompt, answer, stopped, counts):
         """(pairs from one answer, why there are none where the answer itself rules them out, else '')."""
         prompt_ids, ids = self.tokenizer.encode(prompt, unknown="unk"), self.tokenizer.encode(answer, unknown="unk")
-        if gate(answer, stopped, ex, self.yard) or len(prompt_ids) + len(ids) + 1 > self.model.config.block_size + 1:
-            return [], gate(answer, stopped, ex, self.yard) or "too long for the context"  # pairs score whole sequences
+        why = gate(answer, stopped, ex, self.yard) or (  # a pair is scored on whole sequences only
+            "too long for the context" if len(prompt_ids) + len(ids) + 1 > self.model.config.block_size + 1 else "")
+        if why:
+            return [], why
         tokens = [self.tokenizer.itos[i] for i in ids]
         places = ending_places(tokens)
         ends = [tokens[p] for p in places]

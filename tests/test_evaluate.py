@@ -5,7 +5,7 @@ import torch
 from minigpt.data import PLAIN, TITLE_TO_POEM, Poem
 from minigpt.evaluate import answer_losses, answer_val_batches, compare, eval_set, format_table, loss_batches, val_sample
 from minigpt.metrics import (NearClauses, Yardstick, copy_rate, distinct_clauses, mentions_title, relevance, repeats_clause,
-                             rhymes, runs_on)
+                             runs_on)
 from minigpt.verse import first_poem, is_regular
 from minigpt.model import GPT, IGNORE_INDEX, GPTConfig
 

@@ -1,6 +1,5 @@
 """The pictures of the decision to stop (python -m minigpt.explain) and the classroom demo (python -m minigpt.demo)."""
 import io
-import os
 
 import pytest
 import torch

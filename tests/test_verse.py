@@ -65,6 +65,6 @@ def test_rhyme_groups_need_enough_evidence_and_regular_poems():
     rhyming = [quatrain("流", "樓")] * 5 + [quatrain("雲", "流")] * 1  # 雲 ends a line with 流 once: too little
     groups = learn_rhyme_groups(rhyming, strong=5, weak=2)
     assert groups["流"] == groups["樓"] and "雲" not in groups
-    irregular = [f"山山山山山山，水水水水流。\n月月月月月，風風風風鳥。"] * 6  # 鳥 with 流, but not in regular verse
+    irregular = ["山山山山山山，水水水水流。\n月月月月月，風風風風鳥。"] * 6  # 鳥 with 流, but not in regular verse
     groups = learn_rhyme_groups(rhyming + irregular, strong=5, weak=2)
     assert "鳥" not in groups
