@@ -54,11 +54,11 @@ def flops_per_token(cfg, T):
     return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
 
 
-def train_rate(cfg, batch_size, steps, dtype=None, compile=False, warmup=3, device="cpu"):
-    """Tokens per second of full training steps (forward, backward, AdamW) on random ids."""
+def train_rate(cfg, batch_size, steps, dtype=None, compile=False, warmup=3, device="cpu", optimizer="adamw"):
+    """Tokens per second of full training steps (forward, backward, optimizer) on random ids."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device).train()
-    opt = make_optimizer(model, TrainConfig())
+    opt = make_optimizer(model, TrainConfig(optimizer=optimizer))
     step_model = torch.compile(model) if compile else model
     x = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size), device=device)
     amp = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
@@ -122,17 +122,30 @@ TINY = ("tiny (2x32, T=32, batch 4)", GPTConfig(500, block_size=32, n_layer=2, n
 
 # ---- time to loss: pretraining variants on one budget, back to back ----
 
-VARIANTS = {  # name: flags of train_pretrain.py on top of the preset
-    "default": [],
-    "lr 6e-3": ["--lr", "6e-3", "--min-lr", "6e-4"],
-    "lr 1.5e-3": ["--lr", "1.5e-3", "--min-lr", "1.5e-4"],
-    "batch 16": ["--batch-size", "16"],
+def _batch(n):
+    """Flags for batch n that keep the val text (the same 320 windows of 128) and the evals' spacing in windows."""
+    return ["--batch-size", str(n), "--eval-batches", str(320 // n), "--eval-every", str(3200 // n)]
+
+
+ADAMW_8 = ["--optimizer", "adamw", *_batch(8)]  # the default until Muon at batch 32 replaced it (docs/log.md)
+VARIANTS = {  # name: flags of train_pretrain.py on top of the preset (the flags come after the benchmark's own)
+    "default": [],  # Muon for the blocks' matrices, batch 32
+    "adamw batch 8": ADAMW_8,
+    "lr 6e-3": [*ADAMW_8, "--lr", "6e-3", "--min-lr", "6e-4"],
+    "lr 1.5e-3": [*ADAMW_8, "--lr", "1.5e-3", "--min-lr", "1.5e-4"],
+    "batch 16": ["--optimizer", "adamw", *_batch(16)],
+    "batch 32": ["--optimizer", "adamw", *_batch(32)],
     "float32": ["--dtype", "float32"],
-    "muon": ["--optimizer", "muon"],
+    "muon": _batch(8),
+    "muon lr 0.04": [*_batch(8), "--muon-lr", "0.04"],
+    "muon to 0": [*_batch(8), "--min-lr", "0"],
+    "muon batch 16": _batch(16),
+    "muon batch 32": _batch(32),
+    "muon batch 64": _batch(64),
 }
 
 
-def time_to_loss(names, minutes, out_root, seed=1337, preset="cpu", eval_every=400, extra=()):
+def time_to_loss(names, minutes, out_root, seed=1337, preset="cpu", eval_every=100, extra=()):
     """Train each named variant for `minutes`, one after the other; {name: [(minutes, val loss)]} from its evals."""
     import train_pretrain  # the script itself, so that a variant is exactly what a learner would run
     curves = {}
@@ -191,6 +204,23 @@ def time_to_loss_main(args):
     return curves
 
 
+def optimizer_rows(cfg, steps, peak, device):
+    """The pretraining default's path (hand-written attention, bfloat16 where there is one, compiled) with the
+    previous default's optimizer and batch (AdamW, 8) and today's (Muon, 32): the optimizer's cost and the batch's."""
+    cfg, dtype = GPTConfig(**{**cfg.__dict__, "use_sdpa": False}), autocast_dtype("auto", device)
+    pk = peak["bfloat16" if dtype else "float32"]
+    print("\nthe optimizer and the batch (cpu preset, the default path): tokens/s and share of the peak")
+    rows, base = [], None
+    for optimizer, batch in (("adamw", 8), ("muon", 8), ("adamw", 32), ("muon", 32)):
+        rate, _ = train_rate(cfg, batch, steps, dtype, True, device=device, optimizer=optimizer)
+        base = base or rate
+        gflops = rate * flops_per_token(cfg, cfg.block_size) / 1e9
+        rows.append(("cpu preset", f"{optimizer}, batch {batch}", rate, gflops, gflops / pk, rate / base))
+        print(f"  {optimizer:6s} batch {batch:3d} {rate:9.0f} tok/s {gflops:8.1f} GFLOP/s {gflops / pk:5.0%} of peak"
+              f"  x{rate / base:.2f}" + ("  (the default)" if (optimizer, batch) == ("muon", 32) else ""), flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny sizes: checks that every part runs")
@@ -239,6 +269,9 @@ def main(argv=None):
                     rows.append((name, label, rate, gflops, gflops / pk, rate / base))
                     print(f"  {name:36s} {label:48s} {rate:9.0f} tok/s {gflops:8.1f} GFLOP/s {gflops / pk:5.0%} of peak"
                           f"  x{rate / base:.2f}" + (f"  (compile {t_comp:.0f} s)" if comp else ""), flush=True)
+
+    if not (tiny or args.no_compile):
+        rows += optimizer_rows(models[0][1], steps, peak, device)
 
     # within the context only: past it the two paths keep different windows (the cache restarts from the last
     # half, recomputing slides by one), which would compare two algorithms rather than the cache alone

@@ -22,7 +22,7 @@ def test_a_muon_step_equals_the_hand_computation():
     g1, g2 = (torch.randn(6, 3, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
     p = torch.nn.Parameter(torch.randn(6, 3))
     start = p.detach().clone()
-    opt = Muon([p], lr=0.1, momentum=0.9)
+    opt = Muon([p], lr=0.1, momentum=0.9, dtype=torch.float32)  # exact, to compare with float32 maths
     p.grad = g1.clone()
     opt.step()
     scale = 0.1 * (6 / 3) ** 0.5  # lr x sqrt(rows / cols) for a tall matrix
@@ -34,6 +34,32 @@ def test_a_muon_step_equals_the_hand_computation():
     buf = 0.1 * g1 + 0.1 * (g2 - 0.1 * g1)  # 0.09 g1 + 0.1 g2
     assert torch.allclose(p.detach(), after_one - scale * orthogonalise(g2 + 0.9 * (buf - g2)), atol=1e-6)
     assert torch.equal(p.grad, g2)  # the gradient itself is left as it was
+
+
+def test_stacked_and_bfloat16_orthogonalisation_match_one_matrix_at_a_time_in_float32():
+    G = torch.randn(3, 16, 8, generator=torch.Generator().manual_seed(3))
+    one_by_one = torch.stack([orthogonalise(g) for g in G])
+    assert torch.allclose(orthogonalise(G), one_by_one, atol=1e-5)
+    low = orthogonalise(G, dtype=torch.bfloat16)
+    assert low.dtype == torch.float32 and torch.allclose(low, one_by_one, atol=0.05)
+    cos = (low * one_by_one).sum() / (low.norm() * one_by_one.norm())
+    assert cos > 0.999
+
+
+def test_a_muon_step_moves_matrices_of_one_shape_together_as_each_alone():
+    grads = [torch.randn(6, 3, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    together = [torch.nn.Parameter(torch.zeros(6, 3)) for _ in grads]
+    alone = [torch.nn.Parameter(torch.zeros(6, 3)) for _ in grads]
+    opt = Muon(together + [torch.nn.Parameter(torch.zeros(2, 5))], lr=0.1, dtype=torch.float32)
+    for p, g in zip(together, grads):
+        p.grad = g.clone()
+    opt.step()  # the (2, 5) matrix has no gradient: it is left out
+    for p, g in zip(alone, grads):
+        p.grad = g.clone()
+        Muon([p], lr=0.1, dtype=torch.float32).step()
+    for a, b in zip(together, alone):
+        assert torch.allclose(a.detach(), b.detach(), atol=1e-6)
+    assert not torch.equal(together[0].detach(), together[1].detach())
 
 
 def test_muon_takes_the_blocks_matrices_and_follows_the_schedule():

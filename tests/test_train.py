@@ -39,6 +39,19 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch, has_b
     assert autocast_dtype("float32", "cpu") is None and autocast_dtype("bfloat16", "cpu") == torch.bfloat16
 
 
+@pytest.mark.parametrize("preset", ["cpu", "class"])
+def test_every_time_to_loss_variant_is_a_valid_run_on_the_same_val_text(preset):
+    from minigpt import bench
+    parser = cli.make_parser("", train_pretrain.PRESETS, "runs/x")
+    for name, flags in bench.VARIANTS.items():
+        _, cfg, _, _ = cli.resolve(parser.parse_args(["--device", "cpu", "--preset", preset, *flags]),
+                                   train_pretrain.PRESETS)
+        assert cfg.batch_size * cfg.eval_batches == 320, name  # the same 320 windows of val text in every variant
+        assert cfg.eval_every * cfg.batch_size in (3200, 8000, 12000), name  # evals after as many windows
+    _, default, _, _ = cli.resolve(parser.parse_args(["--device", "cpu", "--preset", preset]), train_pretrain.PRESETS)
+    assert (default.optimizer, default.batch_size) == ("muon", 32)
+
+
 def test_the_faster_defaults_have_switches():
     parser = cli.make_parser("", train_pretrain.PRESETS, "runs/x")
     _, cfg, _, _ = cli.resolve(parser.parse_args(["--device", "cpu"]), train_pretrain.PRESETS)
