@@ -59,6 +59,8 @@ def train_rate(cfg, batch_size, steps, dtype=None, compile=False, warmup=3, devi
     torch.manual_seed(0)
     model = GPT(cfg).to(device).train()
     opt = make_optimizer(model, TrainConfig(optimizer=optimizer))
+    if compile:
+        torch._dynamo.reset()  # a fresh compile for each row: past 8 shapes and models, dynamo stops compiling
     step_model = torch.compile(model) if compile else model
     x = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size), device=device)
     amp = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
