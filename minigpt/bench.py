@@ -206,6 +206,15 @@ def time_to_loss_main(args):
     return curves
 
 
+def rate_row(name, label, rate, cfg, peak, base, note=""):
+    """One printed row of the training table: tokens/s, achieved GFLOP/s, its share of the peak and the ratio to the
+    first row of its group; returns (name, label, tokens/s, GFLOP/s, share of peak, ratio)."""
+    gflops = rate * flops_per_token(cfg, cfg.block_size) / 1e9
+    print(f"  {name} {label} {rate:9.0f} tok/s {gflops:8.1f} GFLOP/s {gflops / peak:5.0%} of peak  x{rate / base:.2f}"
+          + note, flush=True)
+    return name.strip(), label.strip(), rate, gflops, gflops / peak, rate / base
+
+
 def optimizer_rows(cfg, steps, peak, device):
     """The pretraining default's path (hand-written attention, bfloat16 where there is one, compiled) with the
     previous default's optimizer and batch (AdamW, 8) and today's (Muon, 32): the optimizer's cost and the batch's."""
@@ -216,10 +225,8 @@ def optimizer_rows(cfg, steps, peak, device):
     for optimizer, batch in (("adamw", 8), ("muon", 8), ("adamw", 32), ("muon", 32)):
         rate, _ = train_rate(cfg, batch, steps, dtype, True, device=device, optimizer=optimizer)
         base = base or rate
-        gflops = rate * flops_per_token(cfg, cfg.block_size) / 1e9
-        rows.append(("cpu preset", f"{optimizer}, batch {batch}", rate, gflops, gflops / pk, rate / base))
-        print(f"  {optimizer:6s} batch {batch:3d} {rate:9.0f} tok/s {gflops:8.1f} GFLOP/s {gflops / pk:5.0%} of peak"
-              f"  x{rate / base:.2f}" + ("  (the default)" if (optimizer, batch) == ("muon", 32) else ""), flush=True)
+        note = "  (the default)" if (optimizer, batch) == ("muon", 32) else ""
+        rows.append(rate_row(f"{'cpu preset':36s}", f"{f'{optimizer}, batch {batch}':48s}", rate, cfg, pk, base, note))
     return rows
 
 
@@ -264,13 +271,11 @@ def main(argv=None):
                     c = GPTConfig(**{**cfg.__dict__, "use_sdpa": sdpa})
                     rate, t_comp = train_rate(c, batch, steps, dtype, comp, device=device)
                     base = base or rate
-                    gflops = rate * flops_per_token(c, c.block_size) / 1e9
                     label = (f"{'sdpa' if sdpa else 'hand-written'} attention, "
                              f"{'bfloat16 autocast' if dtype else 'float32'}{', compiled' if comp else ''}")
                     pk = peak["bfloat16" if dtype else "float32"]
-                    rows.append((name, label, rate, gflops, gflops / pk, rate / base))
-                    print(f"  {name:36s} {label:48s} {rate:9.0f} tok/s {gflops:8.1f} GFLOP/s {gflops / pk:5.0%} of peak"
-                          f"  x{rate / base:.2f}" + (f"  (compile {t_comp:.0f} s)" if comp else ""), flush=True)
+                    rows.append(rate_row(f"{name:36s}", f"{label:48s}", rate, c, pk, base,
+                                         f"  (compile {t_comp:.0f} s)" if comp else ""))
 
     if not (tiny or args.no_compile):
         rows += optimizer_rows(models[0][1], steps, peak, device)

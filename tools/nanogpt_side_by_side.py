@@ -51,8 +51,9 @@ def val_loss(model, val_batches, block):
     total, n = 0.0, 0
     for x, y in val_batches:
         for s in range(0, x.size(1), block):
-            _, loss = model(x[:, s:s + block].contiguous(), y[:, s:s + block].contiguous())
-            total, n = total + loss.item() * y[:, s:s + block].numel(), n + y[:, s:s + block].numel()
+            xs, ys = x[:, s:s + block].contiguous(), y[:, s:s + block].contiguous()
+            _, loss = model(xs, ys)
+            total, n = total + loss.item() * ys.numel(), n + ys.numel()
     model.train()
     return total / n
 
