@@ -75,9 +75,13 @@ PRESETS = {
                  eval_batches=1, log_every=5, dtype="float32", prompts=8, val_prompts=8, samples=4, eval_titles=6,
                  test_titles=6, max_new_tokens=40, beta=0.1),
     # float32: the policy's log-probabilities are computed as the reference's were, so step 0 gives exactly log 2
-    "cpu": dict(batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=10, max_steps=100000, max_minutes=3.0, eval_every=50,
-                sample_every=100, eval_batches=8, log_every=10, dtype="float32", prompts=3000, val_prompts=400,
+    "cpu": dict(batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100000, max_minutes=4.5, eval_every=50,
+                sample_every=100, eval_batches=8, log_every=10, dtype="float32", prompts=1500, val_prompts=200,
                 samples=8, eval_titles=200, test_titles=2000, max_new_tokens=128, beta=0.3),
+    # the third stage of a lesson: fewer prompts, a shorter run, fewer test titles, so that it ends within 5 minutes
+    "class": dict(batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100000, max_minutes=2.5, eval_every=50,
+                  sample_every=100, eval_batches=8, log_every=10, dtype="float32", prompts=1000, val_prompts=200,
+                  samples=8, eval_titles=100, test_titles=500, max_new_tokens=128, beta=0.3),
     # float32 here too: under bfloat16 the policy's log-probabilities at step 0 are not the reference's to the last bit
     "gpu": dict(batch_size=32, lr=5e-5, min_lr=5e-6, warmup_steps=20, max_steps=100000, max_minutes=5.0, eval_every=100,
                 sample_every=100, eval_batches=16, log_every=25, dtype="float32", prompts=20000, val_prompts=1000, samples=16,
@@ -159,21 +163,28 @@ def make_all_pairs(ref, tokenizer, splits, tasks, yard, fmt, settings, seed, out
     # to a prompt, whose several answers are alike and would be counted several times
     val_pairs, val_counts = make(val_prompts[:settings.val_prompts], seed + 1,
                                  settings.pairs_per_prompt if settings.pairs == "ending" else 1)
+    whole = []  # beside ending pairs, pairs of whole answers to the same held-out prompts: measured, never trained on
+    if settings.pairs == "ending":
+        whole, _ = make_pairs(ref, tokenizer, val_prompts[:settings.val_prompts], yard, prefer, fmt=fmt,
+                              samples=settings.samples, per_prompt=1, max_new_tokens=settings.max_new_tokens, hold=hold,
+                              seed=seed + 2)
     if not pairs or not val_pairs:
         raise cli.UsageError(f"no pair: among {counts['samples']} answers none was {prefer.name} and passed the gates "
                              "(or none failed); sample more with --prompts" +
                              (" and --samples" if settings.pairs == "whole" else ""))
-    for ps in (pairs, val_pairs):  # in the training steps' precision, so that a --dtype bfloat16 run starts near log 2
+    for ps in (pairs, val_pairs, whole):  # in the training steps' precision, so that a --dtype bfloat16 run starts near log 2
         fill_reference(ref, ps, tokenizer, fmt, autocast=make_autocast(dtype, ref.device.type))
     os.makedirs(out_dir, exist_ok=True)
     save_pairs(os.path.join(out_dir, "pairs.json"), pairs, counts)
     save_pairs(os.path.join(out_dir, "val_pairs.json"), val_pairs, val_counts)
+    save_pairs(os.path.join(out_dir, "val_whole_pairs.json"), whole, {})
     print(f"pairs from {counts['samples']} answers to {counts['prompts']} train prompts in {time.time() - t:.0f} s: "
           + ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("samples", "prompts")))
-    print(f"held-out pairs from {val_counts['prompts']} val prompts: {len(val_pairs)}")
+    print(f"held-out pairs from {val_counts['prompts']} val prompts: {len(val_pairs)}"
+          + (f"; of whole answers, measured only: {len(whole)}" if whole else ""))
     print(f"a pair ({prefer.name}):\n{pairs[0].prompt}\n  chosen:   {pairs[0].chosen}\n  rejected: {pairs[0].rejected}"
           f"   ({pairs[0].why_rejected})")
-    return pairs, counts, val_pairs
+    return pairs, counts, val_pairs, whole
 
 
 def main(argv=None):
@@ -193,8 +204,10 @@ def main(argv=None):
     if resumed:
         pairs, counts = load_pairs(os.path.join(args.out_dir, "pairs.json"))
         val_pairs, _ = load_pairs(os.path.join(args.out_dir, "val_pairs.json"))
+        path = os.path.join(args.out_dir, "val_whole_pairs.json")
+        whole = load_pairs(path)[0] if os.path.exists(path) else []
     else:
-        pairs, counts, val_pairs = make_all_pairs(ref, tokenizer, splits, tasks, yard, fmt, settings, cfg.seed, args.out_dir,
+        pairs, counts, val_pairs, whole = make_all_pairs(ref, tokenizer, splits, tasks, yard, fmt, settings, cfg.seed, args.out_dir,
                                                   cfg.dtype)
 
     val_batches = [pair_batch(val_pairs[i:i + 64], tokenizer, fmt) for i in range(0, len(val_pairs), 64)]
@@ -233,12 +246,12 @@ def main(argv=None):
     if not cli.is_lead():
         return result
     columns = final_table(args.out_dir, model.to(device), ref, ref_ckpt, tokenizer, splits, yard, settings, fmt, poem_fmt,
-                          val, pairs, counts, val_pairs, result)
+                          val, pairs, counts, val_pairs, whole, result)
     return {**result, "columns": columns}
 
 
 def final_table(out_dir, model, ref, ref_ckpt, tokenizer, splits, yard, settings, fmt, poem_fmt, val, pairs, counts,
-                val_pairs, result):
+                val_pairs, whole, result):
     """The table on test titles (the only place test titles are used), where the margins come from, the pictures and
     the last line, each naming the preferred figure."""
     prefer = PREFERENCES[settings.prefer]
@@ -250,7 +263,8 @@ def final_table(out_dir, model, ref, ref_ckpt, tokenizer, splits, yard, settings
         (name, measure(m, tokenizer, test_set.titles, yard, poem_fmt, val, settings.max_new_tokens))
         for name, m in ((f"{start} (reference)", ref), (f"DPO ({prefer.name})", model))]
     first = pairs[:TRAIN_PAIRS_CHECKED]
-    checked = ((f"{len(val_pairs)} held-out val pairs", val_pairs), (f"{len(first)} training pairs", first))
+    checked = ((f"{len(val_pairs)} held-out val pairs", val_pairs), (f"{len(first)} training pairs", first)) + \
+        ((f"{len(whole)} held-out pairs of whole answers", whole),) * bool(whole)
     shares = [(name, margin_shares(margin_parts(model, ref, ps, tokenizer, yard, prefer, fmt))) for name, ps in checked]
     table = format_table(columns, table_note(test_set, yard, splits) + f" Pairs: {len(pairs)} from {counts['prompts']} "
                          f"train prompts; preference accuracy on {len(val_pairs)} held-out val pairs "

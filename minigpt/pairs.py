@@ -153,12 +153,13 @@ def _pairs_of_one_prompt(ex, prompt, judged, stops, yard, prefer, per_prompt, ho
 def ending_pairs(model, tokenizer, exs, yard, fmt=TITLE_TO_POEM, per_prompt=4, max_new_tokens=128, seed=0, batch_size=512,
                  hold=None, temperature=EVAL_SAMPLING.temperature, top_k=EVAL_SAMPLING.top_k):
     """Rhyme pairs that differ in one line ending, where the rhyme is decided. The model writes one answer per prompt;
-    in one that passes the gates, at each line ending after the first whose earlier endings rhyme, the model's own
-    next-character choices there (its top_k, as in sampling) give two characters, drawn by its probabilities: one of
-    the earlier endings' rhyme group, not used yet, and one outside it. The rest of the answer is kept on both sides,
-    so a pair's log-ratios differ at that character and barely after it. The one with the rhyming character is chosen
-    when it passes the checkers whole (gates and rhyme: its later endings rhyme too), against the other, which fails
-    the rhyme alone. hold: as in pair_up.
+    in one that passes the gates, each later ending that breaks the rhyme is first mended (the model's own likeliest
+    characters there that keep it, drawn by probability). Then at each line ending after the first, the model's own
+    next-character choices there (its top_k, as in sampling) give two characters, drawn by its probabilities: one
+    that keeps the rhyme (of the first ending's group, used by no other ending) and one that breaks it (outside the
+    group, or another ending's character again). The rest of the answer is kept on both sides, so a pair's
+    log-ratios differ at that character and barely after it. The one that keeps the rhyme is chosen when it passes
+    the checkers whole, against the other, which fails the rhyme alone. hold: as in pair_up.
     Returns (pairs, counts)."""
     prompts = [prompt_text(ex, fmt) for ex in exs]
     written = write(model, tokenizer, prompts, max_new_tokens, fmt.end, Sampling(seed=seed), batch_size)
@@ -196,6 +197,13 @@ class _EndingPairs:
         if group is None:
             return [], "first ending in no rhyme group"
         logits, _ = self.model(torch.tensor([prompt_ids + ids], device=self.model.device))
+        # every later ending that breaks the rhyme first takes the model's own rhyming choice there; the pairs are made
+        # on the mended answer, read again (a 律詩 whose third ending strays still teaches its second and fourth)
+        mended, ends = self.mended(tokens, places, ends, group, logits[0, len(prompt_ids) - 1:], counts)
+        if mended != tokens:
+            tokens = mended
+            logits, _ = self.model(torch.tensor([prompt_ids + [self.tokenizer.stoi[t] for t in tokens]],
+                                                device=self.model.device))
         made = []
         for k in range(1, len(places)):
             if len(made) == self.per_prompt or k > 1 and not rhymes("\n".join(ends[:k]), self.yard.rhyme_groups):
@@ -208,18 +216,42 @@ class _EndingPairs:
                 made.append(pair)
         return made, ""
 
-    def pair_at(self, ex, prompt, tokens, place, other_ends, group, row, k):
-        """(the pair made by changing the ending at place, '') or (None, why not)."""
+    def mended(self, tokens, places, ends, group, rows, counts):
+        """(tokens, ends) with each ending after the first that breaks the rhyme replaced by one of the group drawn
+        from the model's own top_k there (rows[i]: the logits that chose tokens[i]); up to the first ending where it
+        offers none."""
+        tokens, ends = list(tokens), list(ends)
+        for k in range(1, len(places)):
+            if self.yard.rhyme_groups.get(ends[k]) == group and ends[k] not in ends[:k]:
+                continue
+            rhyming = self.options(rows[places[k]], ends[:k] + ends[k + 1:], group)[0]
+            if not rhyming:
+                break
+            ends[k] = tokens[places[k]] = self.draw(rhyming)
+            counts["endings mended"] += 1
+        return tokens, ends
+
+    def options(self, row, other_ends, group):
+        """([(character, logit)] that keep the rhyme, those that break it) among the top_k at one place: a character of
+        the group that no other ending uses keeps it; one outside the group, or another ending's character again,
+        breaks it (the checker asks for different characters)."""
         top = torch.topk(row.float() / self.temperature, min(self.top_k, row.size(-1)))
         itos, groups = self.tokenizer.itos, self.yard.rhyme_groups
         options = [(itos[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())
-                   if len(itos[i]) == 1 and itos[i] not in CLAUSE_MARKS + "\n"
-                   and itos[i] not in other_ends]  # the endings stay distinct
-        sides = [[o for o in options if groups.get(o[0]) == group], [o for o in options if groups.get(o[0]) != group]]
+                   if len(itos[i]) == 1 and itos[i] not in CLAUSE_MARKS + "\n"]
+        keeps = [groups.get(c) == group and c not in other_ends for c, _ in options]
+        return [o for o, k in zip(options, keeps) if k], [o for o, k in zip(options, keeps) if not k]
+
+    def draw(self, side):
+        """One character of [(character, logit)], drawn by its probability."""
+        return side[torch.multinomial(torch.softmax(torch.tensor([v for _, v in side]), 0), 1, generator=self.gen).item()][0]
+
+    def pair_at(self, ex, prompt, tokens, place, other_ends, group, row, k):
+        """(the pair made by changing the ending at place, '') or (None, why not)."""
+        sides = self.options(row, other_ends, group)
         if not all(sides):
             return None, "no rhyming and unrhyming choice"
-        picks = [side[torch.multinomial(torch.softmax(torch.tensor([v for _, v in side]), 0), 1,
-                                        generator=self.gen).item()][0] for side in sides]
+        picks = [self.draw(side) for side in sides]
         chosen, rejected = ("".join(tokens[:place]) + c + "".join(tokens[place + 1:]) for c in picks)
         if judge(chosen, True, ex, self.yard, RHYME):  # a later ending breaks the rhyme, or a gate fails after the change
             return None, "chosen not a passing answer"

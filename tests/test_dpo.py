@@ -100,7 +100,9 @@ def test_ending_pairs_differ_at_one_line_ending_and_follow_the_checker(monkeypat
         assert judge(p.rejected, True, POEM, yard, PREFERENCES["rhyme"]) == "not rhyme"
         differ = [i for i, (a, b) in enumerate(zip(p.chosen, p.rejected)) if a != b]
         assert len(p.chosen) == len(p.rejected) and len(differ) == 1 and differ[0] in ending_places(p.chosen)
-        assert p.chosen[differ[0]] in rhyming and p.rejected[differ[0]] not in rhyming
+        others = [p.chosen[i] for i in ending_places(p.chosen) if i != differ[0]]
+        assert p.chosen[differ[0]] in rhyming and p.chosen[differ[0]] not in others  # keeps the rhyme
+        assert p.rejected[differ[0]] not in rhyming or p.rejected[differ[0]] in others  # breaks it: another group or a repeat
     # each 絕句 gives its one pair at line 2, the rest of what the model wrote kept on both sides
     for p, source in zip(pairs, (RHYMES, broken)):
         i = len(source) - 2  # its last ending, before 。
@@ -109,11 +111,14 @@ def test_ending_pairs_differ_at_one_line_ending_and_follow_the_checker(monkeypat
     # the 律詩 stops at per_prompt pairs, at lines 2 and 3; its chosen is as written (the only distinct choice)
     assert [(p.chosen, p.why_rejected) for p in pairs[2:]] == [(LUSHI, "not rhyme (line 2)"), (LUSHI, "not rhyme (line 3)")]
     assert counts["pairs"] == len(pairs) == 4 and counts["prompts_with_a_pair"] == 3
-    # an answer whose first two endings do not rhyme gives nothing after them
+    # an answer whose second ending breaks the rhyme
     lost = LUSHI.replace("樓", "深")
     monkeypatch.setattr(pairing, "write", lambda m, tok, prompts, *a, **k: [(lost, True)])
-    pairs, _ = ending_pairs(model, chars, [POEM], yard, per_prompt=3, top_k=1000)
-    assert [p.chosen for p in pairs] == [LUSHI]  # line 2 mended to 樓 (秋 and 舟 are taken); none at lines 3 and 4
+    pairs, counts = ending_pairs(model, chars, [POEM], yard, per_prompt=3, top_k=1000)
+    # line 2 mended first to 樓 (秋 and 舟 are taken): the answer pairs at every later ending, each pair on the mended one
+    assert counts["endings mended"] == 1
+    assert [(p.chosen, p.why_rejected) for p in pairs] == [(LUSHI, f"not rhyme (line {k})") for k in (2, 3, 4)]
+    assert all(judge(p.rejected, True, POEM, yard, PREFERENCES["rhyme"]) == "not rhyme" for p in pairs)
 
 
 def test_the_nearest_miss_is_rejected_and_never_one_of_another_length():
@@ -309,6 +314,13 @@ def test_ending_pairs_keep_to_the_top_k_and_draw_by_probability(monkeypatch, wid
     chosen, rejected = collections.Counter(p.chosen[last] for p in drawn), collections.Counter(p.rejected[last] for p in drawn)
     assert set(chosen) == {"樓", "舟"} and set(rejected) == {"深", "心"}  # drawn, not always the first option
     assert chosen["樓"] > chosen["舟"] and rejected["深"] > rejected["心"]  # e^5 : e^4, e^3 : e^2
+
+
+def test_an_ending_that_repeats_an_earlier_one_is_a_rejected_choice(monkeypatch, wide):
+    # 流 is the first ending: written again it is of the group, yet breaks the rhyme (the endings must differ)
+    pairs, _ = scripted_pairs(monkeypatch, wide, {"樓": 5.0, "流": 4.0})
+    assert [(p.chosen, p.rejected) for p in pairs] == [(RHYMES, RHYMES[:-2] + "流。")]
+    assert scripted_pairs(monkeypatch, wide, {"流": 5.0, "深": 3.0}, top_k=2)[0] == []  # none of the two keeps the rhyme
 
 
 def test_an_ending_pair_whose_rejected_side_fails_more_than_the_rhyme_is_refused(monkeypatch, wide):
