@@ -76,11 +76,14 @@ def dpo_loss(model, batch, beta=0.1, sft_weight=0.0):
 
 def pair_batch(pairs, tokenizer, fmt=TITLE_TO_POEM):
     """A PairBatch of pairs: both sides padded to one length, targets only on the answer and its end marker, where it
-    wrote one (the prompt masked as in SFT)."""
+    wrote one (the prompt masked as in SFT), or on the answer's first p.upto tokens."""
     rendered = [render(tokenizer, p.prompt, p.chosen + fmt.end) for p in pairs] + \
                [render(tokenizer, p.prompt, p.rejected + fmt.end * p.rejected_stopped) for p in pairs]
     x, y = sft_batch(rendered, tokenizer.pad_id)
     n = len(pairs)
+    for b, p in enumerate(pairs + pairs):  # a pair that counts only up to its change: nothing after it is a target
+        if p.upto:
+            y[b, (y[b] != IGNORE_INDEX).nonzero()[p.upto:, 0]] = IGNORE_INDEX
     refs = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], dtype=torch.float32)
     return PairBatch(x[:n], y[:n], x[n:], y[n:], refs[:, 0], refs[:, 1])
 
@@ -153,7 +156,7 @@ def margin_parts(model, reference, pairs, tokenizer, yard, prefer, fmt=TITLE_TO_
 def _split(on_answer, answer, title, tokenizer, yard, prefer):
     """(the log-ratio at the places the preference reads, the rest); on_answer: per answer token, then the end marker."""
     tokens = [tokenizer.itos[i] for i in tokenizer.encode(answer, unknown="unk")]
-    at = on_answer[prefer.places(tokens, title, yard)].sum().item()
+    at = on_answer[[i for i in prefer.places(tokens, title, yard) if i < len(on_answer)]].sum().item()  # counted ones
     return at, on_answer.sum().item() - at
 
 

@@ -34,6 +34,8 @@ class Pair:
     ref_chosen: float = 0.0  # the reference model's log-probability of the answer (and end marker) given the prompt
     ref_rejected: float = 0.0
     title: str = ""  # the example's input: the title, for a preference that reads it
+    upto: int = 0  # the answer tokens that count, from the first (0: all, and the end marker): an ending pair counts
+    # up to the ending it changes, so that what follows it (the same on both sides) adds nothing to the margin
 
 
 # ---- what may be chosen ----
@@ -259,7 +261,7 @@ class _EndingPairs:
         worked_against = hold and hold.passes(rejected, ex.input, self.yard) and not hold.passes(chosen, ex.input, self.yard)
         if gate(rejected, True, ex, self.yard) or worked_against:
             return None, "rejected fails more than the rhyme"
-        return Pair(ex.task, prompt, chosen, rejected, f"not rhyme (line {k + 1})", title=ex.input), ""
+        return Pair(ex.task, prompt, chosen, rejected, f"not rhyme (line {k + 1})", title=ex.input, upto=place + 1), ""
 
 
 # ---- pairs on disk: a resumed run trains on the same pairs ----

@@ -111,6 +111,8 @@ def test_ending_pairs_differ_at_one_line_ending_and_follow_the_checker(monkeypat
     # the 律詩 stops at per_prompt pairs, at lines 2 and 3; its chosen is as written (the only distinct choice)
     assert [(p.chosen, p.why_rejected) for p in pairs[2:]] == [(LUSHI, "not rhyme (line 2)"), (LUSHI, "not rhyme (line 3)")]
     assert counts["pairs"] == len(pairs) == 4 and counts["prompts_with_a_pair"] == 3
+    # a 律詩's pair counts up to its line 2 or 3: the later endings are read nowhere (the model is its own reference)
+    assert dpo.margin_parts(model, model, pairs, chars, yard, PREFERENCES["rhyme"]) == [(0.0, 0.0)] * 4
     # an answer whose second ending breaks the rhyme
     lost = LUSHI.replace("樓", "深")
     monkeypatch.setattr(pairing, "write", lambda m, tok, prompts, *a, **k: [(lost, True)])
@@ -314,6 +316,26 @@ def test_ending_pairs_keep_to_the_top_k_and_draw_by_probability(monkeypatch, wid
     chosen, rejected = collections.Counter(p.chosen[last] for p in drawn), collections.Counter(p.rejected[last] for p in drawn)
     assert set(chosen) == {"樓", "舟"} and set(rejected) == {"深", "心"}  # drawn, not always the first option
     assert chosen["樓"] > chosen["舟"] and rejected["深"] > rejected["心"]  # e^5 : e^4, e^3 : e^2
+
+
+def test_an_ending_pair_counts_up_to_the_ending_it_changes(monkeypatch, wide):
+    pairs, _ = scripted_pairs(monkeypatch, wide, {"樓": 5.0, "深": 3.0})
+    last = len(RHYMES) - 2  # the changed ending, before 。
+    assert pairs[0].upto == last + 1
+    batch = pair_batch(pairs, wide)
+    for x, y, side in ((batch.chosen_x, batch.chosen_y, pairs[0].chosen), (batch.rejected_x, batch.rejected_y,
+                                                                             pairs[0].rejected)):
+        targets = y[0][y[0] != IGNORE_INDEX].tolist()
+        assert targets == wide.encode(side[:last + 1])  # the answer up to the ending: not 。, not the end marker
+    # what follows the change adds nothing: the same pair with another tail has the same log-probabilities
+    model = GPT(GPTConfig(vocab_size=wide.vocab_size, block_size=64, n_layer=1, n_head=1, n_embd=16))
+    other = Pair(**{**pairs[0].__dict__, "chosen": pairs[0].chosen[:-1] + "，", "rejected": pairs[0].rejected[:-1] + "，"})
+    logp = [dpo.sequence_logprobs(model, *dpo._both_sides(pair_batch([p], wide), "cpu")) for p in (pairs[0], other)]
+    assert torch.equal(logp[0], logp[1])
+    parts = dpo.margin_parts(model, model, pairs, wide, ENDINGS, PREFERENCES["rhyme"])  # where a margin comes from
+    assert parts == [(0.0, 0.0)]  # the model is its own reference: nothing gained, at the ending or before it
+    whole = Pair(**{**pairs[0].__dict__, "upto": 0})
+    assert (pair_batch([whole], wide).chosen_y != IGNORE_INDEX).sum() == len(RHYMES) + 1  # every token and <END>
 
 
 def test_an_ending_that_repeats_an_earlier_one_is_a_rejected_choice(monkeypatch, wide):

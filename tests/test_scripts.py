@@ -356,3 +356,27 @@ def test_time_to_loss_reads_the_curves_back_to_back(tmp_path, monkeypatch):
     assert bench.minutes_to(curve, 3.0) is None and bench.loss_at(curve, 3.0) is None
     table = bench.time_to_loss_table({"a": curve}, 2.0, [4.5, 3.0])
     assert table.splitlines()[1].split() == ["a", "5.500", "5.000", "4.000", "1.50", "—"]
+
+
+def test_the_stages_chain_without_flags():
+    """Each stage reads by default the folder the quick start's previous command writes, every script has the class
+    preset, and each kind of SFT run has its own folder (the chat model does not stand in the single-task one's way)."""
+    for script in (train_pretrain, train_sft, train_dpo):
+        assert {"tiny", "cpu", "class", "gpu"} <= set(script.PRESETS)
+    sft = train_sft.parse_args([])
+    assert sft.init_from == os.path.join("runs", "pretrain") and sft.out_dir == os.path.join("runs", "sft")
+    assert train_dpo.parse_args([]).init_from == sft.out_dir
+    chat = train_sft.parse_args(["--tasks", "all", "--format", "chat"])
+    assert chat.init_from == sft.init_from and chat.out_dir == os.path.join("runs", "sft_chat")
+    assert train_sft.parse_args(["--tasks", "form,naming"]).out_dir == os.path.join("runs", "sft_tasks")
+    assert train_sft.parse_args(["--format", "chat", "--out-dir", "x"]).out_dir == "x"
+
+
+def test_several_tasks_get_the_longer_run_and_one_task_keeps_its_own():
+    from minigpt import cli
+    config = lambda argv: cli.resolve(train_sft.parse_args(["--device", "cpu", *argv]),
+                                      train_sft.presets_for(train_sft.parse_args(argv).tasks))[1]
+    assert (config([]).max_minutes, config([]).optimizer) == (4.5, "adamw")
+    chat = config(["--tasks", "all", "--format", "chat"])
+    assert (chat.max_minutes, chat.optimizer) == (14.0, "muon")
+    assert config(["--tasks", "all", "--format", "chat", "--max-minutes", "2"]).max_minutes == 2.0  # a flag still wins
