@@ -4,6 +4,7 @@
     python train_sft.py                       # after python train_pretrain.py; about 5 minutes on 2 CPU cores
     python train_sft.py --preset class        # 4 minutes, after python train_pretrain.py --preset class
     python train_sft.py --train-on-prompt     # also train on the prompt, to compare the loss curves
+    python train_sft.py --tasks all --format chat   # every task, roles: about 17 minutes, into runs/sft_chat
 
 Every few steps it prints, for the same titles, what the model answers and whether it stopped at <END>, and the
 behaviour on val titles; test titles appear only in the final table.

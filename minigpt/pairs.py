@@ -2,8 +2,9 @@
 
 An answer can be chosen only when it passes the gates (it stopped, does what the task asks, repeats and copies no
 clause) and has the preference (minigpt.metrics.PREFERENCES: it rhymes, names its title ...). Two ways to pair:
-ending_pairs (the default for rhyme) changes one line ending of one answer; make_pairs samples several whole answers
-per prompt and pairs a passing one with a failing one (pair_up).
+ending_pairs (the default for rhyme) changes one line ending of one answer; title_pairs puts one character of the
+title into an answer that has none, where the model itself would; make_pairs samples several whole answers per prompt
+and pairs a passing one with a failing one (pair_up).
 """
 import collections
 import json
@@ -17,8 +18,8 @@ from minigpt.generate import EVAL_SAMPLING, Sampling, write
 from minigpt.loss_eval import evaluating
 from minigpt.metrics import PREFERENCES, repeats_clause
 from minigpt.tasks import BY_NAME, Example, examples, prompt_text
-from minigpt.verse import CLAUSE_MARKS, MEANINGLESS_TITLES, REGULAR_LINE, clauses, clean_title, ending_places, first_poem, \
-    is_regular, rhymes
+from minigpt.verse import CLAUSE_MARKS, MEANINGLESS_TITLES, REGULAR_LINE, clauses, clean_title, content_chars, \
+    ending_places, first_poem, is_regular, rhymes
 
 RHYME = PREFERENCES["rhyme"]
 
@@ -159,9 +160,9 @@ def ending_pairs(model, tokenizer, exs, yard, fmt=TITLE_TO_POEM, per_prompt=4, m
     characters there that keep it, drawn by probability). Then at each line ending after the first, the model's own
     next-character choices there (its top_k, as in sampling) give two characters, drawn by its probabilities: one
     that keeps the rhyme (of the first ending's group, used by no other ending) and one that breaks it (outside the
-    group, or another ending's character again). The rest of the answer is kept on both sides, so a pair's
-    log-ratios differ at that character and barely after it. The one that keeps the rhyme is chosen when it passes
-    the checkers whole, against the other, which fails the rhyme alone. hold: as in pair_up.
+    group, or another ending's character again). The rest of the answer is kept on both sides, and the pair counts
+    only up to that character (Pair.upto): its log-ratios differ there alone. The one that keeps the rhyme is chosen
+    when it passes the checkers whole, against the other, which fails the rhyme alone. hold: as in pair_up.
     Returns (pairs, counts)."""
     prompts = [prompt_text(ex, fmt) for ex in exs]
     written = write(model, tokenizer, prompts, max_new_tokens, fmt.end, Sampling(seed=seed), batch_size)
@@ -246,7 +247,8 @@ class _EndingPairs:
 
     def draw(self, side):
         """One character of [(character, logit)], drawn by its probability."""
-        return side[torch.multinomial(torch.softmax(torch.tensor([v for _, v in side]), 0), 1, generator=self.gen).item()][0]
+        probs = torch.softmax(torch.tensor([v for _, v in side]), 0)
+        return side[torch.multinomial(probs, 1, generator=self.gen).item()][0]
 
     def pair_at(self, ex, prompt, tokens, place, other_ends, group, row, k):
         """(the pair made by changing the ending at place, '') or (None, why not)."""
@@ -262,6 +264,73 @@ class _EndingPairs:
         if gate(rejected, True, ex, self.yard) or worked_against:
             return None, "rejected fails more than the rhyme"
         return Pair(ex.task, prompt, chosen, rejected, f"not rhyme (line {k + 1})", title=ex.input, upto=place + 1), ""
+
+
+# ---- pairs that differ in one character of the title ----
+
+@torch.no_grad()
+def title_pairs(model, tokenizer, exs, yard, fmt=TITLE_TO_POEM, per_prompt=2, max_new_tokens=128, seed=0, batch_size=512,
+                hold=None, temperature=EVAL_SAMPLING.temperature, top_k=EVAL_SAMPLING.top_k):
+    """Title pairs that differ in one character, where the model itself would put a character of its title. The model
+    writes one answer per prompt; in one that passes the gates and holds no content character of its title, at each
+    place where the model's own top_k there hold one, such a character (drawn by probability) makes the chosen
+    answer, and the answer as written is the rejected one; the pair counts up to that place (Pair.upto). Up to
+    per_prompt places an answer, the ones where the title's characters are likeliest first. hold: as in pair_up.
+    Returns (pairs, counts)."""
+    prompts = [prompt_text(ex, fmt) for ex in exs]
+    written = write(model, tokenizer, prompts, max_new_tokens, fmt.end, Sampling(seed=seed), batch_size)
+    gen, pairs = torch.Generator().manual_seed(seed), []
+    counts = collections.Counter(prompts=len(exs), samples=len(exs))
+    with evaluating(model):
+        for ex, prompt, (answer, stopped) in zip(exs, prompts, written):
+            title = PREFERENCES["title"]
+            why = gate(answer, stopped, ex, yard) or ("names its title already" if title.passes(answer, ex.input, yard)
+                                                      else "")
+            made = [] if why else _title_pairs_of(model, tokenizer, ex, prompt, answer, yard, per_prompt, hold,
+                                                  temperature, top_k, gen, counts)
+            counts[why or ("no place for a title character" if not made else "prompts_with_a_pair")] += 1
+            pairs += made
+    counts["pairs"] = len(pairs)
+    return pairs, dict(counts)
+
+
+def _title_pairs_of(model, tokenizer, ex, prompt, answer, yard, per_prompt, hold, temperature, top_k, gen, counts):
+    """The title pairs of one answer that passed the gates and names no character of its title."""
+    prompt_ids, ids = tokenizer.encode(prompt, unknown="unk"), tokenizer.encode(answer, unknown="unk")
+    if len(prompt_ids) + len(ids) > model.config.block_size:  # a pair is scored on whole sequences only
+        return []
+    logits, _ = model(torch.tensor([prompt_ids + ids], device=model.device))
+    wanted = [tokenizer.stoi[c] for c in sorted(content_chars(ex.input)) if c in tokenizer.stoi]
+    made = []
+    for j in _title_places(logits[0, len(prompt_ids) - 1:-1], ids, wanted, tokenizer, temperature, top_k):
+        if len(made) == per_prompt:
+            break
+        row = logits[0, len(prompt_ids) + j - 1].float() / temperature
+        top = set(torch.topk(row, min(top_k, row.size(-1))).indices.tolist())
+        options = [i for i in wanted if i in top]
+        pick = options[torch.multinomial(torch.softmax(row[options], 0), 1, generator=gen).item()]
+        chosen = tokenizer.decode(ids[:j] + [pick] + ids[j + 1:])
+        worked_against = hold and hold.passes(answer, ex.input, yard) and not hold.passes(chosen, ex.input, yard)
+        if judge(chosen, True, ex, yard, PREFERENCES["title"]) or worked_against:
+            counts["chosen not a passing answer"] += 1
+            continue
+        made.append(Pair(ex.task, prompt, chosen, answer, "not title", title=ex.input, upto=j + 1))
+    return made
+
+
+def _title_places(rows, ids, wanted, tokenizer, temperature, top_k):
+    """The answer's places (token indices; rows[j]: the logits that chose ids[j]) of a Chinese character where a
+    wanted id is among the top_k, the likeliest such first."""
+    probs = torch.softmax(rows.float() / temperature, dim=-1)
+    kth = torch.topk(rows.float(), min(top_k, rows.size(-1)), dim=-1).values[:, -1:]
+    best = []
+    for j, i in enumerate(ids):
+        c = tokenizer.itos[i]
+        if len(c) == 1 and "\u3400" <= c <= "\u9fff" and wanted:
+            in_top = [w for w in wanted if rows[j, w] >= kth[j, 0]]
+            if in_top:
+                best.append((-probs[j, in_top].sum().item(), j))
+    return [j for _, j in sorted(best)]
 
 
 # ---- pairs on disk: a resumed run trains on the same pairs ----

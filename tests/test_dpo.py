@@ -357,3 +357,24 @@ def test_the_gate_asks_for_what_the_task_asks():
     form = Example("form", "", "登樓", "", "七言絕句")
     assert gate(RHYMES, True, form, YARD) == "not what the task asks"  # a 五言絕句 for a 七言絕句
     assert gate(RHYMES, True, Example("form", "", "登樓", "", "五言絕句"), YARD) == ""
+
+
+def test_title_pairs_put_a_title_character_where_the_model_would(monkeypatch):
+    chars = CharTokenizer(RHYMES + "登高" + TITLE_TO_POEM.instruction)
+    title, j = "登高", RHYMES.index("海")  # the model's second choice at 海 is 高; elsewhere no title character is near
+    prompt = chars.encode(TITLE_TO_POEM.prompt(title))
+    ids = chars.encode(RHYMES)
+    at = {len(prompt) + k - 1: {i: 5.0, chars.stoi["白"] if i != chars.stoi["白"] else chars.stoi["日"]: 4.0}
+          for k, i in enumerate(ids)}
+    at[len(prompt) + j - 1] = {chars.stoi["海"]: 5.0, chars.stoi["高"]: 4.5}
+    model = Scripted(chars.vocab_size, at)
+    named = RHYMES.replace("白日", "登日")  # names its title already: nothing to prefer
+    yard = SimpleNamespace(rhyme_groups=ENDINGS.rhyme_groups, train_clauses=set())
+    ex = Example("poem", TITLE_TO_POEM.instruction, title, "")
+    monkeypatch.setattr(pairing, "write", lambda m, tok, prompts, *a, **k: [(RHYMES, True), (named, True)])
+    pairs, counts = pairing.title_pairs(model, chars, [ex, ex], yard, per_prompt=2, top_k=2)
+    assert counts["names its title already"] == 1 and counts["pairs"] == 1
+    p, = pairs
+    assert (p.chosen, p.rejected, p.upto) == (RHYMES[:j] + "高" + RHYMES[j + 1:], RHYMES, j + 1)
+    assert judge(p.chosen, True, ex, yard, PREFERENCES["title"]) == ""
+    assert judge(p.rejected, True, ex, yard, PREFERENCES["title"]) == "not title"

@@ -250,7 +250,9 @@ def test_dpo_interrupted_resumes_on_its_own_pairs_to_the_same_weights(finetuned,
     assert a["step"] == b["step"] == 10 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_dpo_pairs_line_endings_for_rhyme_by_default(finetuned, tmp_path, monkeypatch):
+@pytest.mark.parametrize("prefer, maker, kind", [("rhyme", "ending_pairs", "ending"), ("title", "title_pairs", "char")])
+def test_dpo_pairs_one_character_by_default(finetuned, tmp_path, monkeypatch, prefer, maker, kind):
+    """Rhyme pairs a line ending, title a character of the title, unless --pairs says otherwise."""
     calls = []
 
     def recorded(model, tokenizer, exs, yard, seed, per_prompt, **kw):  # a tiny model's answers pass no gate: whole pairs
@@ -258,10 +260,10 @@ def test_dpo_pairs_line_endings_for_rhyme_by_default(finetuned, tmp_path, monkey
         return pairing.make_pairs(model, tokenizer, exs, yard, PREFERENCES["rhyme"], samples=4, seed=seed,
                                   per_prompt=per_prompt, **kw)
     monkeypatch.setattr(pairing, "judge", stand_in_judge)
-    monkeypatch.setattr(train_dpo, "ending_pairs", recorded)
-    train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(tmp_path), "--max-steps", "2"])
+    monkeypatch.setattr(train_dpo, maker, recorded)
+    train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(tmp_path), "--max-steps", "2", "--prefer", prefer])
     assert calls == [(8, 4), (8, 4)]  # train and held-out prompts (the tiny preset's 8 each), several pairs per answer
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["pairs"] == "ending"
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["pairs"] == kind
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -271,6 +273,7 @@ def test_dpo_pairs_line_endings_for_rhyme_by_default(finetuned, tmp_path, monkey
     (["--samples", "0"], "--samples must be positive"),
     (["--prefer", "haiku"], None),
     (["--prefer", "title", "--pairs", "ending"], "pass --pairs whole"),
+    (["--prefer", "rhyme", "--pairs", "char"], "pass --pairs whole"),
 ])
 def test_dpo_user_errors_exit_2_with_one_line(pretrained, finetuned, tmp_path, capsys, argv, message):
     from minigpt.cli import run
@@ -366,6 +369,7 @@ def test_the_stages_chain_without_flags():
     sft = train_sft.parse_args([])
     assert sft.init_from == os.path.join("runs", "pretrain") and sft.out_dir == os.path.join("runs", "sft")
     assert train_dpo.parse_args([]).init_from == sft.out_dir
+    assert train_dpo.PRESETS["class"]["prefer"] == "title" and "prefer" not in train_dpo.PRESETS["cpu"]  # rhyme
     chat = train_sft.parse_args(["--tasks", "all", "--format", "chat"])
     assert chat.init_from == sft.init_from and chat.out_dir == os.path.join("runs", "sft_chat")
     assert train_sft.parse_args(["--tasks", "form,naming"]).out_dir == os.path.join("runs", "sft_tasks")
