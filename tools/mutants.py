@@ -37,7 +37,7 @@ MUTANTS = [
     ("the rejected side's gates are not re-checked", "minigpt/pairs.py",
      "if gate(rejected, True, ex, self.yard) or worked_against:", "if worked_against:", "test_dpo"),
     ("ending pairs ignore --hold", "minigpt/pairs.py",
-     "worked_against = hold and hold.passes(", "worked_against = False and hold.passes(", "test_dpo"),
+     "worked_against = hold and hold.passes(rejected", "worked_against = False and hold.passes(rejected", "test_dpo"),
     ("the gate skips the task's check", "minigpt/pairs.py",
      " or not BY_NAME[example.task].check(answer, example):", ":", "test_dpo"),
     ("pair_up gives up on a prompt", "minigpt/pairs.py",
