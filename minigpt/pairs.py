@@ -152,6 +152,12 @@ def _pairs_of_one_prompt(ex, prompt, judged, stops, yard, prefer, per_prompt, ho
 
 # ---- pairs that differ in one line ending ----
 
+def draw(side, gen):
+    """One character of [(character, logit)], drawn by its probability."""
+    probs = torch.softmax(torch.tensor([v for _, v in side]), 0)
+    return side[torch.multinomial(probs, 1, generator=gen).item()][0]
+
+
 @torch.no_grad()
 def ending_pairs(model, tokenizer, exs, yard, fmt=TITLE_TO_POEM, per_prompt=4, max_new_tokens=128, seed=0, batch_size=512,
                  hold=None, temperature=EVAL_SAMPLING.temperature, top_k=EVAL_SAMPLING.top_k):
@@ -246,9 +252,7 @@ class _EndingPairs:
         return [o for o, k in zip(options, keeps) if k], [o for o, k in zip(options, keeps) if not k]
 
     def draw(self, side):
-        """One character of [(character, logit)], drawn by its probability."""
-        probs = torch.softmax(torch.tensor([v for _, v in side]), 0)
-        return side[torch.multinomial(probs, 1, generator=self.gen).item()][0]
+        return draw(side, self.gen)
 
     def pair_at(self, ex, prompt, tokens, place, other_ends, group, row, k):
         """(the pair made by changing the ending at place, '') or (None, why not)."""
@@ -302,14 +306,10 @@ def _title_pairs_of(model, tokenizer, ex, prompt, answer, yard, per_prompt, hold
     logits, _ = model(torch.tensor([prompt_ids + ids], device=model.device))
     wanted = [tokenizer.stoi[c] for c in sorted(content_chars(ex.input)) if c in tokenizer.stoi]
     made = []
-    for j in _title_places(logits[0, len(prompt_ids) - 1:-1], ids, wanted, tokenizer, temperature, top_k):
+    for j, options in _title_places(logits[0, len(prompt_ids) - 1:-1], ids, wanted, tokenizer, temperature, top_k):
         if len(made) == per_prompt:
             break
-        row = logits[0, len(prompt_ids) + j - 1].float() / temperature
-        top = set(torch.topk(row, min(top_k, row.size(-1))).indices.tolist())
-        options = [i for i in wanted if i in top]
-        pick = options[torch.multinomial(torch.softmax(row[options], 0), 1, generator=gen).item()]
-        chosen = tokenizer.decode(ids[:j] + [pick] + ids[j + 1:])
+        chosen = tokenizer.decode(ids[:j] + [tokenizer.stoi[draw(options, gen)]] + ids[j + 1:])
         worked_against = hold and hold.passes(answer, ex.input, yard) and not hold.passes(chosen, ex.input, yard)
         if judge(chosen, True, ex, yard, PREFERENCES["title"]) or worked_against:
             counts["chosen not a passing answer"] += 1
@@ -319,18 +319,18 @@ def _title_pairs_of(model, tokenizer, ex, prompt, answer, yard, per_prompt, hold
 
 
 def _title_places(rows, ids, wanted, tokenizer, temperature, top_k):
-    """The answer's places (token indices; rows[j]: the logits that chose ids[j]) of a Chinese character where a
-    wanted id is among the top_k, the likeliest such first."""
-    probs = torch.softmax(rows.float() / temperature, dim=-1)
-    kth = torch.topk(rows.float(), min(top_k, rows.size(-1)), dim=-1).values[:, -1:]
+    """[(place, [(character, logit)] of the wanted ids among the top_k there)] over the answer's places of a Chinese
+    character (token indices; rows[j]: the logits that chose ids[j]), where the wanted ids are likeliest first."""
+    rows = rows.float() / temperature
+    probs = torch.softmax(rows, dim=-1)
+    kth = torch.topk(rows, min(top_k, rows.size(-1)), dim=-1).values[:, -1]
     best = []
     for j, i in enumerate(ids):
         c = tokenizer.itos[i]
-        if len(c) == 1 and "\u3400" <= c <= "\u9fff" and wanted:
-            in_top = [w for w in wanted if rows[j, w] >= kth[j, 0]]
-            if in_top:
-                best.append((-probs[j, in_top].sum().item(), j))
-    return [j for _, j in sorted(best)]
+        in_top = [w for w in wanted if rows[j, w] >= kth[j]] if len(c) == 1 and "\u3400" <= c <= "\u9fff" else []
+        if in_top:
+            best.append((-probs[j, in_top].sum().item(), j, [(tokenizer.itos[w], rows[j, w].item()) for w in in_top]))
+    return [(j, options) for _, j, options in sorted(best, key=lambda b: b[:2])]
 
 
 # ---- pairs on disk: a resumed run trains on the same pairs ----
