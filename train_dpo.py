@@ -85,8 +85,8 @@ PRESETS = {
     # the third stage of a lesson: fewer prompts, a shorter run, fewer test titles, so that it ends within 5 minutes.
     # The class model rhymes in about 5% of its answers, too few for one round to teach rhyme (docs/log.md); it names
     # its title in about 40%, and title pairs teach that (lr 1e-3 cost 16 points of shape there: 3e-4)
-    "class": dict(prefer="title", batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=10, max_steps=100000, max_minutes=2.5, eval_every=50,
-                  sample_every=100, eval_batches=8, log_every=10, dtype="float32", prompts=1000, val_prompts=200,
+    "class": dict(prefer="title", batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=10, max_steps=100000,
+                  max_minutes=2.5, eval_every=50, sample_every=100, eval_batches=8, log_every=10, dtype="float32", prompts=1000, val_prompts=200,
                   samples=8, eval_titles=100, test_titles=500, max_new_tokens=128, beta=0.3),
     # float32 here too: under bfloat16 the policy's log-probabilities at step 0 are not the reference's to the last bit
     "gpu": dict(batch_size=32, lr=5e-5, min_lr=5e-6, warmup_steps=20, max_steps=100000, max_minutes=5.0, eval_every=100,
@@ -101,15 +101,16 @@ def parse_args(argv):
                         "start from; it is also the frozen reference and writes the pairs")
     parser.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus the models were trained on")
     parser.add_argument("--prefer", choices=sorted(PREFERENCES),
-                        help="what makes an answer chosen (default: the preset's, rhyme but on the class preset): " + "; ".join(f"{p.name}: {p.what}" for p in PREFERENCES.values()))
+                        help="what makes an answer chosen (default: rhyme; title on the class preset): "
+                        + "; ".join(f"{p.name}: {p.what}" for p in PREFERENCES.values()))
     parser.add_argument("--hold", choices=["none"] + sorted(PREFERENCES), default="none",
                         help="what the pairs must not work against: an answer that has it is never rejected for one "
                         "that lacks it (e.g. --hold title: rhyme is not paid for in relevance)")
     parser.add_argument("--pairs", choices=["ending", "char", "whole"], help="ending (the default for --prefer "
                         "rhyme): one answer per prompt, and at a line ending the model's own choice that keeps the rhyme "
-                        "against one that breaks it, the rest shared; char (the default for --prefer title): one answer without its "
-                        "title's characters against the same answer with one put in where the model itself would put "
-                        "it; whole: several answers per prompt, a passing one against a failing one")
+                        "against one that breaks it, the rest shared; char (the default for --prefer title): one "
+                        "answer without its title's characters against the same answer with one put in where the model "
+                        "itself would put it; whole: several answers per prompt, a passing one against a failing one")
     parser.add_argument("--beta", type=float, help="the implicit reward is beta * (log pi - log ref): the larger, the "
                         "less the policy needs to move to separate a pair")
     parser.add_argument("--sft-weight", type=float, default=1.0, help="weight of the SFT loss on real training poems "

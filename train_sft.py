@@ -82,7 +82,8 @@ def presets_for(tasks):
 
 
 def parse_args(argv):
-    parser = cli.make_parser(__doc__, PRESETS, None, model_flags=("dropout",))
+    parser = cli.make_parser(__doc__, PRESETS, None, model_flags=("dropout",), out_help=" (default: runs/sft, "
+                             "runs/sft_chat with --format chat, runs/sft_tasks for several tasks in the <INS> format)")
     parser.add_argument("--init-from", default=os.path.join("runs", "pretrain"), help="pretrained run folder or checkpoint file")
     parser.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus the pretrained model was trained on")
     parser.add_argument("--data", choices=sorted(SINGLE_POEM_DATA), default="regular",

@@ -22,13 +22,11 @@ class UsageError(ValueError):
     """A bad flag value, reported in one line."""
 
 
-def make_parser(description, presets, default_out, model_flags=MODEL_FLAGS):
+def make_parser(description, presets, default_out, model_flags=MODEL_FLAGS, out_help=""):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(presets), default="cpu",
                    help="tiny: seconds, for tests; cpu: a laptop; class: shorter, both stages in a lesson; gpu: a bigger model for a GPU")
-    p.add_argument("--out-dir", default=default_out, help="where the checkpoint, log.jsonl and loss.png go" +
-                   ("" if default_out else " (default: runs/sft, runs/sft_chat with --format chat, runs/sft_tasks for "
-                                           "several tasks in the <INS> format)"))
+    p.add_argument("--out-dir", default=default_out, help="where the checkpoint, log.jsonl and loss.png go" + out_help)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint, with its settings")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out-dir already holds a run")

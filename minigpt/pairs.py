@@ -236,7 +236,7 @@ class _EndingPairs:
             rhyming = self.options(rows[places[k]], ends[:k] + ends[k + 1:], group)[0]
             if not rhyming:
                 break
-            ends[k] = tokens[places[k]] = self.draw(rhyming)
+            ends[k] = tokens[places[k]] = draw(rhyming, self.gen)
             counts["endings mended"] += 1
         return tokens, ends
 
@@ -251,15 +251,12 @@ class _EndingPairs:
         keeps = [groups.get(c) == group and c not in other_ends for c, _ in options]
         return [o for o, k in zip(options, keeps) if k], [o for o, k in zip(options, keeps) if not k]
 
-    def draw(self, side):
-        return draw(side, self.gen)
-
     def pair_at(self, ex, prompt, tokens, place, other_ends, group, row, k):
         """(the pair made by changing the ending at place, '') or (None, why not)."""
         sides = self.options(row, other_ends, group)
         if not all(sides):
             return None, "no rhyming and unrhyming choice"
-        picks = [self.draw(side) for side in sides]
+        picks = [draw(side, self.gen) for side in sides]
         chosen, rejected = ("".join(tokens[:place]) + c + "".join(tokens[place + 1:]) for c in picks)
         if judge(chosen, True, ex, self.yard, RHYME):  # a later ending breaks the rhyme, or a gate fails after the change
             return None, "chosen not a passing answer"
@@ -283,26 +280,26 @@ def title_pairs(model, tokenizer, exs, yard, fmt=TITLE_TO_POEM, per_prompt=2, ma
     Returns (pairs, counts)."""
     prompts = [prompt_text(ex, fmt) for ex in exs]
     written = write(model, tokenizer, prompts, max_new_tokens, fmt.end, Sampling(seed=seed), batch_size)
-    gen, pairs = torch.Generator().manual_seed(seed), []
+    gen, pairs, title = torch.Generator().manual_seed(seed), [], PREFERENCES["title"]
     counts = collections.Counter(prompts=len(exs), samples=len(exs))
     with evaluating(model):
         for ex, prompt, (answer, stopped) in zip(exs, prompts, written):
-            title = PREFERENCES["title"]
-            why = gate(answer, stopped, ex, yard) or ("names its title already" if title.passes(answer, ex.input, yard)
-                                                      else "")
-            made = [] if why else _title_pairs_of(model, tokenizer, ex, prompt, answer, yard, per_prompt, hold,
-                                                  temperature, top_k, gen, counts)
+            prompt_ids, ids = tokenizer.encode(prompt, unknown="unk"), tokenizer.encode(answer, unknown="unk")
+            why = gate(answer, stopped, ex, yard) or (
+                "names its title already" if title.passes(answer, ex.input, yard) else  # a pair is scored whole:
+                "too long for the context" if len(prompt_ids) + len(ids) > model.config.block_size else "")
+            made = [] if why else _title_pairs_of(model, tokenizer, ex, prompt, prompt_ids, ids, answer, yard,
+                                                  per_prompt, hold, temperature, top_k, gen, counts)
             counts[why or ("no place for a title character" if not made else "prompts_with_a_pair")] += 1
             pairs += made
     counts["pairs"] = len(pairs)
     return pairs, dict(counts)
 
 
-def _title_pairs_of(model, tokenizer, ex, prompt, answer, yard, per_prompt, hold, temperature, top_k, gen, counts):
-    """The title pairs of one answer that passed the gates and names no character of its title."""
-    prompt_ids, ids = tokenizer.encode(prompt, unknown="unk"), tokenizer.encode(answer, unknown="unk")
-    if len(prompt_ids) + len(ids) > model.config.block_size:  # a pair is scored on whole sequences only
-        return []
+def _title_pairs_of(model, tokenizer, ex, prompt, prompt_ids, ids, answer, yard, per_prompt, hold, temperature, top_k,
+                    gen, counts):
+    """The title pairs of one answer (ids, after prompt_ids) that passed the gates and names no character of its
+    title."""
     logits, _ = model(torch.tensor([prompt_ids + ids], device=model.device))
     wanted = [tokenizer.stoi[c] for c in sorted(content_chars(ex.input)) if c in tokenizer.stoi]
     made = []
