@@ -1,0 +1,254 @@
+// The GPT of model.py written again in plain JavaScript, to run in a browser (or Node) with no dependency.
+// Same names and order as model.py: MLP, CausalSelfAttention, Block, GPT; then generate.py's KV cache, window
+// restart and sampling (temperature, top-k, top-p) with a seeded generator. One token at a time, batch of one.
+// Read it beside model.py; python -m minigpt.web inlines it into the page, and tests/test_web.py holds the two equal.
+"use strict";
+
+// ---- the pieces: vectors are Float32Arrays, sums run in JavaScript's 64-bit numbers ----
+
+function linear(x, w, b, nOut) {  // y = W x + b; W (nOut, nIn) row-major, as nn.Linear stores it
+  const nIn = x.length, y = new Float32Array(nOut);
+  let o = 0;
+  for (; o + 4 <= nOut; o += 4) {  // four rows at a time, each x[i] read once for them: about 1.7x faster
+    const r0 = o * nIn, r1 = r0 + nIn, r2 = r1 + nIn, r3 = r2 + nIn;
+    let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (let i = 0; i < nIn; i++) {
+      const xi = x[i];
+      s0 += w[r0 + i] * xi; s1 += w[r1 + i] * xi; s2 += w[r2 + i] * xi; s3 += w[r3 + i] * xi;
+    }
+    y[o] = s0; y[o + 1] = s1; y[o + 2] = s2; y[o + 3] = s3;
+  }
+  for (; o < nOut; o++) {
+    let s = 0;
+    for (let i = 0, r = o * nIn; i < nIn; i++) s += w[r + i] * x[i];
+    y[o] = s;
+  }
+  if (b) for (let j = 0; j < nOut; j++) y[j] += b[j];
+  return y;
+}
+
+function layerNorm(x, p) {  // nn.LayerNorm: zero mean, unit variance (eps 1e-5), then a learned scale and shift
+  let mean = 0, v = 0;
+  for (const a of x) mean += a;
+  mean /= x.length;
+  for (const a of x) v += (a - mean) * (a - mean);
+  const inv = 1 / Math.sqrt(v / x.length + 1e-5), y = new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) y[i] = (x[i] - mean) * inv * p.weight[i] + p.bias[i];
+  return y;
+}
+
+function erf(x) {  // Math has no erf: a series for small |x|, a continued fraction for large, both to ~1e-15
+  const t = Math.abs(x);
+  if (t > 6) return Math.sign(x);
+  if (t < 2.5) {  // Maclaurin series, summed until the terms vanish
+    let s = t, term = t;
+    for (let n = 1; Math.abs(term) > 1e-17 * s; n++) { term *= -t * t / n; s += term / (2 * n + 1); }
+    return Math.sign(x) * s * 2 / Math.sqrt(Math.PI);
+  }
+  let f = 0;  // continued fraction for erfc, from the tail
+  for (let n = 60; n >= 1; n--) f = n / 2 / (t + f);
+  return Math.sign(x) * (1 - Math.exp(-t * t) / Math.sqrt(Math.PI) / (t + f));
+}
+
+const gelu = (x) => 0.5 * x * (1 + erf(x / Math.SQRT2));  // F.gelu, the exact one (not the tanh approximation)
+
+class MLP {
+  constructor(p, C) { this.p = p; this.C = C; }
+  forward(x) {  // widen 4x, GELU, back to C
+    const h = linear(x, this.p.fc.weight, this.p.fc.bias, 4 * this.C).map(gelu);
+    return linear(h, this.p.proj.weight, this.p.proj.bias, this.C);
+  }
+}
+
+class CausalSelfAttention {
+  constructor(p, cfg) { this.p = p; this.nh = cfg.n_head; this.C = cfg.n_embd; }
+  forward(x, cache) {  // x (C,) the newest token; cache.k, cache.v (block_size, C) hold the S earlier positions
+    const C = this.C, nh = this.nh, hs = C / nh, S = cache.n;
+    const qkv = linear(x, this.p.qkv.weight, this.p.qkv.bias, 3 * C);  // queries, keys and values in one matmul
+    cache.k.set(qkv.subarray(C, 2 * C), S * C);  // this position's key and value join the cache
+    cache.v.set(qkv.subarray(2 * C), S * C);
+    cache.n = S + 1;
+    const y = new Float32Array(C), mean = new Float32Array(S + 1);  // mean: attention over heads, for the page
+    for (let h = 0; h < nh; h++) {
+      // scores scaled by 1/sqrt(hs); the newest token sees every cached key, none of the future (there is none)
+      const att = new Float64Array(S + 1);
+      let max = -Infinity, sum = 0;
+      for (let j = 0; j <= S; j++) {
+        let s = 0;
+        for (let i = 0; i < hs; i++) s += qkv[h * hs + i] * cache.k[j * C + h * hs + i];
+        att[j] = s / Math.sqrt(hs);
+        max = Math.max(max, att[j]);
+      }
+      for (let j = 0; j <= S; j++) sum += (att[j] = Math.exp(att[j] - max));
+      for (let j = 0; j <= S; j++) {
+        att[j] /= sum;
+        mean[j] += att[j] / nh;
+        for (let i = 0; i < hs; i++) y[h * hs + i] += att[j] * cache.v[j * C + h * hs + i];  // heads side by side
+      }
+    }
+    this.last = mean;
+    return linear(y, this.p.proj.weight, this.p.proj.bias, C);
+  }
+}
+
+class Block {  // pre-norm: normalise, transform, add back
+  constructor(p, cfg) {
+    this.ln_1 = p.ln_1; this.attn = new CausalSelfAttention(p.attn, cfg);
+    this.ln_2 = p.ln_2; this.mlp = new MLP(p.mlp, cfg.n_embd);
+  }
+  forward(x, cache) {
+    const a = this.attn.forward(layerNorm(x, this.ln_1), cache);
+    x = x.map((v, i) => v + a[i]);
+    const m = this.mlp.forward(layerNorm(x, this.ln_2));
+    return x.map((v, i) => v + m[i]);
+  }
+}
+
+class GPT {
+  constructor(config, p) {  // p: the tensors by model.py's names, dequantized (see loadModel)
+    this.config = config;
+    this.tok_emb = p.tok_emb; this.pos_emb = p.pos_emb;
+    this.blocks = p.blocks.map((b) => new Block(b, config));
+    this.ln_f = p.ln_f;  // lm_head is tok_emb: weight tying, as in model.py
+  }
+  newCaches() {
+    const n = this.config.block_size * this.config.n_embd;
+    return this.blocks.map(() => ({ k: new Float32Array(n), v: new Float32Array(n), n: 0 }));
+  }
+  forward(id, caches) {  // one token id at the next position -> logits (V,); every layer's cache grows by one
+    const C = this.config.n_embd, pos = caches[0].n;
+    let x = new Float32Array(C);
+    for (let i = 0; i < C; i++) x[i] = this.tok_emb[id * C + i] + this.pos_emb[pos * C + i];
+    this.blocks.forEach((b, l) => { x = b.forward(x, caches[l]); });
+    return linear(layerNorm(x, this.ln_f), this.tok_emb, null, this.config.vocab_size);
+  }
+}
+
+// ---- writing (generate.py): a window of tokens, the caches of what was read, and sampling ----
+
+function mulberry32(seed) {  // a small seeded generator of uniform numbers in [0, 1): the same seed, the same poem
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(a ^ (a >>> 15), 1 | a);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function softmax(logits, temperature = 1) {
+  let max = -Infinity, sum = 0;
+  for (const v of logits) max = Math.max(max, v);
+  const p = new Float64Array(logits.length);
+  for (let i = 0; i < p.length; i++) sum += (p[i] = Math.exp((logits[i] - max) / temperature));
+  for (let i = 0; i < p.length; i++) p[i] /= sum;
+  return p;
+}
+
+function topK(values, k) {  // the k largest as [[index, value], ...], largest first; ties: the lower index first
+  const top = [];
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (top.length === k && v <= top[k - 1][1]) continue;  // most ids stop here: one pass, no sort of the vocabulary
+    let j = top.length < k ? top.push(null) - 1 : k - 1;
+    for (; j > 0 && top[j - 1][1] < v; j--) top[j] = top[j - 1];
+    top[j] = [i, v];
+  }
+  return top;
+}
+
+function argmax(values) {
+  let best = 0;
+  for (let i = 1; i < values.length; i++) if (values[i] > values[best]) best = i;
+  return best;
+}
+
+function sampleNext(logits, { temperature = 0.8, top_k = 50, top_p = null }, random) {
+  // sample_next: greedy at temperature 0, else drawn from the softmax after the top-k and top-p cuts
+  if (temperature === 0) return argmax(logits);
+  const order = topK(logits, top_k ? Math.min(top_k, logits.length) : logits.length);  // exactly k ids stay
+  const p = softmax(order.map(([, v]) => v), temperature);
+  let n = p.length;
+  if (top_p) {  // nucleus: the likeliest ids until they add up to top_p, and no more
+    let cum = 0;
+    for (n = 0; n < p.length && (n === 0 || cum < top_p); n++) cum += p[n];
+  }
+  // inverse CDF: u in (0, total]; the first id whose running sum reaches u is drawn
+  let total = 0, cum = 0;
+  for (let i = 0; i < n; i++) total += p[i];
+  const u = (1 - random()) * total;
+  for (let i = 0; i < n; i++) if ((cum += p[i]) >= u) return order[i][0];
+  return order[n - 1][0];
+}
+
+class Writer {
+  // One text being written: the tokens in the window and the caches of what the model has read of them. A full
+  // window restarts from its last half, as generate.Window does with the cache.
+  constructor(model, promptIds) {
+    this.model = model; this.W = model.config.block_size;
+    this.read(this.ids = promptIds.slice(-this.W));
+  }
+  read(ids) {  // fresh caches, then every token of ids in turn: the last one's logits predict what comes next
+    this.caches = this.model.newCaches();
+    for (const id of ids) this.logits = this.model.forward(id, this.caches);
+    this.looked = this.model.blocks.map((b) => b.attn.last);  // [layer][key]: the newest token's attention
+  }
+  append(id) {
+    this.ids.push(id);
+    if (this.ids.length > this.W) this.read(this.ids = this.ids.slice(-(this.W >> 1)));
+    else {
+      this.logits = this.model.forward(id, this.caches);
+      this.looked = this.model.blocks.map((b) => b.attn.last);
+    }
+  }
+  chance(ids) {  // P(the model writes ids next, one after the other); the writer itself does not move
+    const saved = this.caches.map((c) => c.n);
+    let logits = this.logits, caches = this.caches, p = 1;
+    for (let j = 0; j < ids.length; j++) {
+      if (j > 0 && caches[0].n < this.W) logits = this.model.forward(ids[j - 1], caches);
+      else if (j > 0) {  // a full window restarts from its last half, as append does
+        const w = new Writer(this.model, this.ids.concat(ids.slice(0, j)).slice(-(this.W >> 1)));
+        logits = w.logits; caches = w.caches;
+      }
+      p *= softmax(logits)[ids[j]];
+    }
+    this.caches.forEach((c, l) => { c.n = saved[l]; });  // forget the peeked positions
+    return p;
+  }
+}
+
+// ---- the weights: int8 rows with one float32 scale each (or float16), dequantized once when the page opens ----
+
+function loadModel(meta, bytes) {
+  // meta: {config, tensors: {name: {shape, dtype, offset, scales}}}; bytes: a Uint8Array of every tensor
+  const get = (name) => {
+    const t = meta.tensors[name], n = t.shape.reduce((a, b) => a * b), cols = t.shape[t.shape.length - 1];
+    const out = new Float32Array(n), view = new DataView(bytes.buffer, bytes.byteOffset);
+    if (t.dtype === "float32") for (let i = 0; i < n; i++) out[i] = view.getFloat32(t.offset + 4 * i, true);
+    else if (t.dtype === "int8") {
+      for (let i = 0; i < n; i++) {
+        out[i] = view.getInt8(t.offset + i) * view.getFloat32(t.scales + 4 * Math.floor(i / cols), true);
+      }
+    } else for (let i = 0; i < n; i++) out[i] = half(view.getUint16(t.offset + 2 * i, true));
+    return out;
+  };
+  const ln = (pre) => ({ weight: get(pre + ".weight"), bias: get(pre + ".bias") });
+  const lin = (pre) => ({ weight: get(pre + ".weight"), bias: get(pre + ".bias") });
+  const blocks = [];
+  for (let l = 0; l < meta.config.n_layer; l++) {
+    const b = `blocks.${l}.`;
+    blocks.push({ ln_1: ln(b + "ln_1"), attn: { qkv: lin(b + "attn.qkv"), proj: lin(b + "attn.proj") },
+                  ln_2: ln(b + "ln_2"), mlp: { fc: lin(b + "mlp.fc"), proj: lin(b + "mlp.proj") } });
+  }
+  return new GPT(meta.config, { tok_emb: get("tok_emb.weight"), pos_emb: get("pos_emb.weight"), blocks,
+                                ln_f: ln("ln_f") });
+}
+
+function half(h) {  // IEEE float16 bits -> number
+  const e = (h >> 10) & 31, m = h & 1023, s = h >> 15 ? -1 : 1;
+  if (e === 0) return s * m * 2 ** -24;
+  return e === 31 ? (m ? NaN : s * Infinity) : s * (1 + m / 1024) * 2 ** (e - 15);
+}
+
+const minigpt = { GPT, Writer, loadModel, sampleNext, softmax, topK, argmax, mulberry32 };
+if (typeof module !== "undefined") module.exports = minigpt;  // Node (the parity test); in the page: a global

@@ -1,0 +1,313 @@
+"""The trained models in one offline web page: the base model and the fine-tuned one write side by side in the browser,
+with gpt.js (model.py written again in plain JavaScript) inlined, the weights in 8 bits (one scale per row), and a
+Content-Security-Policy that forbids every network request. Send the file to a class, or serve the folder.
+
+    python -m minigpt.web            # runs/pretrain + runs/sft (+ runs/dpo, runs/sft_chat when they exist) -> runs/web/index.html
+    python -m minigpt.web --check    # the JavaScript model against PyTorch (needs Node), and what 8 bits cost
+"""
+import argparse
+import base64
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from minigpt.data import load_poems, split_poems, DEFAULT_CORPUS
+from minigpt.tokenizer import ROLE_TOKENS, SPECIAL_TOKENS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GPT_JS = os.path.join(HERE, "gpt.js")
+PAGE = os.path.join(HERE, "page.html")
+# the page's models: key -> (run folder, what it is, the command that makes it); the first two must exist
+RUNS = {
+    "base": ("pretrain", "pretrained", "python train_pretrain.py"),
+    "sft": ("sft", "fine-tuned (SFT)", "python train_sft.py"),
+    "dpo": ("dpo", "preference-tuned (DPO)", "python train_dpo.py"),
+    "chat": ("sft_chat", "chat, several tasks", "python train_sft.py --tasks all --format chat"),
+}
+
+
+class WebError(ValueError):
+    """A page that cannot be made; the message names the missing piece and the command that makes it."""
+
+
+# ---- the weights, as the page holds them ----
+
+def quantize(w, bits=8):
+    """A float tensor -> (bytes, scales bytes or None, dtype name). 8 bits: each row (the last dimension) as int8 times
+    its own float32 scale, max|row| / 127; 16 bits: float16; vectors (biases, norms) stay float32."""
+    w = w.detach().float().cpu()
+    if w.dim() == 1:
+        return w.numpy().tobytes(), None, "float32"
+    if bits == 16:
+        return w.half().numpy().tobytes(), None, "float16"
+    scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # (rows, 1)
+    q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+    return q.numpy().tobytes(), scale.squeeze(-1).numpy().tobytes(), "int8"
+
+
+def dequantize(w, bits=8):
+    """The tensor the page computes with: quantize, then back to float32."""
+    w = w.detach().float()
+    if w.dim() == 1:
+        return w.clone()
+    if bits == 16:
+        return w.half().float()
+    scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(w / scale).clamp(-127, 127) * scale
+
+
+def as_page_sees(model, bits=8):
+    """A copy of the model whose weights are the page's (dequantized): PyTorch's side of the parity checks."""
+    out = copy.deepcopy(model).float().cpu()
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            p.copy_(dequantize(p, bits))
+    return out
+
+
+def export(model, bits=8):
+    """(meta, bytes): model.py's tensors by name (lm_head is tok_emb: tied, stored once), each at its byte offset."""
+    blob, tensors = bytearray(), {}
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        data, scales, dtype = quantize(p, bits)
+        tensors[name] = dict(shape=list(p.shape), dtype=dtype, offset=len(blob))
+        blob += data
+        blob += bytes(-len(blob) % 4)  # float32 reads stay aligned
+        if scales is not None:
+            tensors[name]["scales"] = len(blob)
+            blob += scales
+    cfg = model.config
+    config = dict(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                  n_embd=cfg.n_embd)
+    return dict(config=config, tensors=tensors), bytes(blob)
+
+
+# ---- the page ----
+
+def load_runs(runs_dir, names=None):
+    """{key: (model, tokenizer, checkpoint)} for the page's models found under runs_dir; base and sft are required."""
+    from minigpt.checkpoint import load_checkpoint
+    found = {}
+    for key, (folder, _, command) in RUNS.items():
+        path = os.path.join(runs_dir, folder)
+        if names is not None and key not in names:
+            continue
+        if not os.path.exists(os.path.join(path, "ckpt.pt")):
+            if key in ("base", "sft"):
+                raise WebError(f"no run at {path}: make it with {command} (for a lesson: --preset class)")
+            continue
+        found[key] = load_checkpoint(path)
+    return found
+
+
+def page_model(key, model, tokenizer, ckpt, bits):
+    """What the page needs of one model: its weights, vocabulary, prompt format and stop."""
+    from minigpt.sample import answer_format
+    fmt = answer_format(ckpt)
+    meta, blob = export(model, bits)
+    return dict(key=key, label=RUNS[key][1], run=RUNS[key][0], step=ckpt["step"], meta=meta, itos=tokenizer.itos,
+                prompt=[fmt.ins + fmt.instruction + fmt.inp, fmt.res],  # before and after the title
+                stop=fmt.end if fmt.end in tokenizer.stoi else None, end=fmt.end,
+                weights=base64.b64encode(blob).decode("ascii"))
+
+
+def conversion_tables(itos):
+    """(simplified -> traditional, traditional -> simplified) for the vocabulary's characters, derived from OpenCC:
+    the page converts a typed title one character at a time, as the command line does with OpenCC's tables."""
+    from minigpt.sample import to_simplified, to_traditional
+    chars = [c for c in itos if len(c) == 1]
+    vocab, to_s = set(chars), {}
+    for c in chars:
+        s = to_simplified(c)
+        if s != c and len(s) == 1:
+            to_s[c] = s
+    to_t = {}
+    for s in sorted(set(to_s.values())):
+        t = to_traditional(s)
+        if t != s and t in vocab:
+            to_t[s] = t
+    return to_t, to_s
+
+
+def learning_to_stop(log_path, n_examples=3):
+    """The SFT run's evaluations, as the slider shows them: step, stop rate and a few val titles' answers."""
+    steps = []
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("kind") == "eval" and "examples" in r:
+                steps.append(dict(step=r["step"], stop_rate=r.get("stop_rate"), examples=r["examples"][:n_examples]))
+    return steps
+
+
+def render(data, title="minigpt"):
+    """The page: page.html with gpt.js, the data and a Content-Security-Policy that allows only the page's own script
+    and style (by their hashes) and no request of any kind."""
+    with open(PAGE, encoding="utf-8") as f:
+        page = f.read()
+    with open(GPT_JS, encoding="utf-8") as f:
+        gpt_js = f.read()
+    head, rest = page.split("<script>", 1)
+    app, tail = rest.split("</script>", 1)
+    script = gpt_js + "\n" + app
+    style = head.split("<style>", 1)[1].split("</style>", 1)[0]
+    digest = lambda s: "'sha256-" + base64.b64encode(hashlib.sha256(s.encode("utf-8")).digest()).decode() + "'"
+    csp = (f"default-src 'none'; script-src {digest(script)}; style-src {digest(style)}; img-src data:; "
+           "base-uri 'none'; form-action 'none'")
+    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+    head = head.replace("__CSP__", csp).replace("__TITLE__", title)
+    return (head + '<script id="data" type="application/json">' + blob + "</script>\n<script>" + script + "</script>"
+            + tail)
+
+
+def build(runs_dir="runs", out=None, bits=8, names=None, log=print):
+    """Write the page from the runs under runs_dir; returns its path."""
+    out = out or os.path.join(runs_dir, "web", "index.html")
+    found = load_runs(runs_dir, names)
+    models = [page_model(k, m, t, c, bits) for k, (m, t, c) in found.items()]
+    to_t, to_s = conversion_tables(found["sft"][1].itos)
+    sft_log = os.path.join(runs_dir, RUNS["sft"][0], "log.jsonl")
+    data = dict(models=models, to_traditional=to_t, to_simplified=to_s, controls=SPECIAL_TOKENS + ROLE_TOKENS,
+                learning=learning_to_stop(sft_log) if os.path.exists(sft_log) else [])
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    html = render(data)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(html)
+    for m in models:
+        log(f"{m['key']:5s} runs/{m['run']}: step {m['step']}, {len(m['weights']) * 3 // 4 / 1e6:.2f} MB of weights")
+    missing = [k for k in RUNS if k not in found and (names is None or k in names)]
+    for k in missing:
+        log(f"{k:5s} not included: no runs/{RUNS[k][0]} (make it with {RUNS[k][2]})")
+    log(f"wrote {out}: {len(html.encode('utf-8')) / 1e6:.2f} MB; open it in a browser (no network needed)")
+    return out
+
+
+# ---- the JavaScript model against PyTorch ----
+
+NODE_DRIVER = r"""
+const fs = require("fs"), m = require(process.argv[1]);
+const job = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
+const model = m.loadModel(job.meta, new Uint8Array(fs.readFileSync(job.weights)));
+const out = {logits: [], greedy: []};
+for (const ids of job.logits) out.logits.push(Array.from(new m.Writer(model, ids).logits));
+for (const ids of job.greedy) {
+  const w = new m.Writer(model, ids), written = [];
+  for (let i = 0; i < job.max_new; i++) {
+    const id = m.argmax(w.logits);
+    written.push(id);
+    if (id === job.stop) break;
+    w.append(id);
+  }
+  out.greedy.push(written);
+}
+fs.writeFileSync(job.out, JSON.stringify(out));
+"""
+
+
+def run_in_node(model, logit_prompts, greedy_prompts, max_new, stop_id, bits=8):
+    """The JavaScript model (gpt.js, on the exported weights) in Node: the last position's logits after each of
+    logit_prompts, and the greedy continuation of each of greedy_prompts (lists of ids), up to max_new ids or stop_id."""
+    meta, blob = export(model, bits)
+    with tempfile.TemporaryDirectory() as d:
+        weights, job, out = (os.path.join(d, n) for n in ("weights.bin", "job.json", "out.json"))
+        with open(weights, "wb") as f:
+            f.write(blob)
+        with open(job, "w") as f:
+            json.dump(dict(meta=meta, weights=weights, logits=logit_prompts, greedy=greedy_prompts, max_new=max_new,
+                           stop=-1 if stop_id is None else stop_id, out=out), f)
+        try:
+            subprocess.run(["node", "-e", NODE_DRIVER, GPT_JS, job], check=True, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise WebError("node not found: the check runs gpt.js in Node.js (https://nodejs.org, or apt install nodejs)")
+        except subprocess.CalledProcessError as e:
+            raise WebError(f"gpt.js failed in Node: {e.stderr.strip().splitlines()[-1] if e.stderr.strip() else e}")
+        with open(out) as f:
+            r = json.load(f)
+    return torch.tensor(r["logits"]), r["greedy"]
+
+
+def torch_greedy(model, prompts, max_new, stop_id, pad_id):
+    """PyTorch's greedy continuations (minigpt.generate, the KV cache and window restart the page mirrors), one prompt
+    at a time as the page writes: in a batch, a left-padded row's window fills, and restarts, a little earlier."""
+    from minigpt.generate import generate
+    from minigpt.loss_eval import evaluating
+    with evaluating(model):
+        return [generate(model, [p], max_new, temperature=0, stop_ids=[] if stop_id is None else [stop_id],
+                         pad_id=pad_id)[0] for p in prompts]
+
+
+def last_logits(model, prompts):
+    """PyTorch's logits at the last position of each prompt (its last block_size tokens)."""
+    from minigpt.loss_eval import evaluating
+    W = model.config.block_size
+    with evaluating(model), torch.no_grad():
+        return torch.stack([model(torch.tensor([p[-W:]]))[0][0, -1] for p in prompts])
+
+
+def check(runs_dir="runs", corpus=DEFAULT_CORPUS, n_prompts=20, n_titles=100, bits=8, log=print):
+    """For the base and fine-tuned models: the largest logit difference between gpt.js and PyTorch on the page's
+    weights over n_prompts val prompts, whether greedy writing agrees on them, and stop rate and regular shape of
+    n_titles val answers with full-precision and page weights. Returns the figures."""
+    from minigpt.evaluate import eval_set, write_answers
+    from minigpt.sample import answer_format
+    from minigpt.verse import first_poem, is_regular
+    found = load_runs(runs_dir, ("base", "sft"))
+    splits = split_poems(load_poems(corpus))
+    titles = eval_set(splits["val"], splits["train"], n_titles).titles
+    figures = {}
+    for key, (model, tok, ckpt) in found.items():
+        fmt, paged = answer_format(ckpt), as_page_sees(model, bits)
+        prompts = [tok.encode(fmt.prompt(t), unknown="unk") for t in titles[:n_prompts]]
+        stop_id = tok.stoi.get(fmt.end)
+        max_new = 160 if stop_id is None else 200  # the base model runs past its window: the restart is checked too
+        js_logits, js_greedy = run_in_node(model, prompts, prompts, max_new, stop_id, bits)
+        diff = (js_logits - last_logits(paged, prompts)).abs().max().item()
+        same = sum(a == b for a, b in zip(js_greedy, torch_greedy(paged, prompts, max_new, stop_id, tok.pad_id)))
+        rates = {}
+        for name, m in (("full", model), (f"{bits}-bit", paged)):
+            answers = write_answers(m, tok, titles, fmt)
+            rates[name] = (100 * sum(a.stopped for a in answers) / len(answers),
+                           100 * sum(is_regular(first_poem(a.text)) for a in answers) / len(answers))
+        figures[key] = dict(max_logit_diff=diff, greedy_same=same, n_prompts=len(prompts), rates=rates)
+        (fs, fr), (qs, qr) = rates.values()
+        log(f"{key:5s} largest logit difference gpt.js - PyTorch {diff:.1e} over {len(prompts)} val prompts; greedy "
+            f"text identical for {same}/{len(prompts)}; {len(titles)} val titles, full -> {bits}-bit: "
+            f"stop {fs:.0f}% -> {qs:.0f}%, regular {fr:.0f}% -> {qr:.0f}%")
+    return figures
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="runs", help="the folder that holds pretrain/, sft/ (and dpo/, sft_chat/)")
+    p.add_argument("--out", help="where to write the page (default: RUNS/web/index.html)")
+    p.add_argument("--bits", type=int, choices=(8, 16), default=8, help="weights in 8 bits (one scale a row) or 16")
+    p.add_argument("--models", help="which of base,sft,dpo,chat to include (default: every one whose run exists)")
+    p.add_argument("--check", action="store_true", help="compare gpt.js with PyTorch (Node.js) and 8 bits with full")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus of the runs (for --check's val titles)")
+    args = p.parse_args(argv)
+    names = None
+    if args.models:
+        names = [n.strip() for n in args.models.split(",")]
+        unknown = [n for n in names if n not in RUNS]
+        if unknown or not {"base", "sft"} <= set(names):
+            p.error(f"--models takes base,sft and any of dpo,chat; got {args.models}")
+    from minigpt.checkpoint import CheckpointError
+    try:
+        if args.check:
+            return check(args.runs, args.corpus, bits=args.bits)
+        return build(args.runs, args.out, args.bits, names)
+    except (WebError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
