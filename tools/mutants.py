@@ -122,6 +122,18 @@ MUTANTS = [
     ("resume forgets the data generator", "minigpt/train.py",
      'self.data_gen.set_state(ckpt["rng"]["data"].cpu())', "pass", "test_resilience"),
     ("the step skips gradient clipping", "minigpt/train.py", "    if grad_clip:\n", "    if False:\n", "test_train"),
+    # the JavaScript model of the web page
+    ("gpt.js scales attention by hs, not sqrt(hs)", "minigpt/gpt.js", "att[j] = s / Math.sqrt(hs);", "att[j] = s / hs;",
+     "test_web"),
+    ("gpt.js restarts a full window from its last quarter", "minigpt/gpt.js",
+     "this.read(this.ids = this.ids.slice(-(this.W >> 1)));", "this.read(this.ids = this.ids.slice(-(this.W >> 2)));",
+     "test_web"),
+    ("gpt.js uses a tanh for GELU", "minigpt/gpt.js", "(1 + erf(x / Math.SQRT2))", "(1 + Math.tanh(x))", "test_web"),
+    ("gpt.js swaps two rows of a matmul", "minigpt/gpt.js", "y[o] = s0; y[o + 1] = s1;", "y[o] = s1; y[o + 1] = s0;",
+     "test_web"),
+    ("gpt.js top-k keeps one id too few", "minigpt/gpt.js",
+     "if (top.length === k && v <= top[k - 1][1]) continue;", "if (top.length === k - 1 && v <= top[k - 2][1]) continue;",
+     "test_web"),
 ]
 
 
