@@ -490,8 +490,7 @@ def main(argv=None):
         base, tokenizer, _ = load_checkpoint(args.base)
         models = [("single-task SFT", load_checkpoint(args.single))] if args.single else []
         models.append(("multi-task SFT", load_checkpoint(args.sft)))
-        if any(tok.itos != models[-1][1][1].itos or tok.with_roles().itos != tokenizer.with_roles().itos
-               for _, (_, tok, _) in models):
+        if any(tok.with_roles().itos != tokenizer.with_roles().itos for _, (_, tok, _) in models):
             raise CheckpointError("the checkpoints have different vocabularies; compare checkpoints of one lineage")
         tasks = parse_tasks(args.tasks or settings_of(models[-1][1][2]).get("tasks", "poem"))
         splits = split_poems(load_poems(args.corpus))
@@ -501,9 +500,12 @@ def main(argv=None):
     groups, T = Yardstick(splits["train"]).rhyme_groups, base.config.block_size
     fmt = CHAT if settings_of(models[-1][1][2]).get("format") == "chat" else TITLE_TO_POEM
     tokenizer = models[-1][1][1]  # with the role markers, for a chat model; the base model gets them too
+    from minigpt.checkpoint import grow_vocab
     if base.config.vocab_size != tokenizer.vocab_size:
-        from minigpt.checkpoint import grow_vocab
         base = grow_vocab(base, tokenizer.vocab_size)
+    # a single-task model beside a chat one gets the role ids too, as the base does: it reads the same prompts
+    models = [(name + " (roles new to it)", (grow_vocab(m, tokenizer.vocab_size), tok, ck))
+              if m.config.vocab_size != tokenizer.vocab_size else (name, (m, tok, ck)) for name, (m, tok, ck) in models]
     seen = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T, fmt=fmt)
     held = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T, held_out=True, fmt=fmt)
     columns = task_columns(base, tokenizer, seen, held, [(name, m) for name, (m, _, _) in models], args.max_new_tokens, fmt,

@@ -384,3 +384,15 @@ def test_several_tasks_get_the_longer_run_and_one_task_keeps_its_own():
     chat = config(["--tasks", "all", "--format", "chat"])
     assert (chat.max_minutes, chat.optimizer) == (14.0, "muon")
     assert config(["--tasks", "all", "--format", "chat", "--max-minutes", "2"]).max_minutes == 2.0  # a flag still wins
+
+
+def test_the_task_table_puts_the_single_task_model_beside_a_chat_one(pretrained, finetuned, tmp_path):
+    """The single-task model never saw the chat roles: it gets their ids as the base model does, and its column says so."""
+    from minigpt import tasks
+    chat = tmp_path / "chat"
+    train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(pretrained[0]), "--out-dir",
+                    str(chat), "--device", "cpu", "--tasks", "poem,form", "--format", "chat", "--max-steps", "2"])
+    columns = tasks.main(["--base", str(pretrained[0]), "--single", str(finetuned), "--sft", str(chat), "--corpus",
+                          FIXTURE_CORPUS, "--n", "2", "--max-new-tokens", "8"])
+    names = [name for name, _ in columns]
+    assert "single-task SFT (roles new to it)" in names and "multi-task SFT" in names
