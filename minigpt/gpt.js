@@ -232,16 +232,15 @@ function loadModel(meta, bytes) {
     } else for (let i = 0; i < n; i++) out[i] = half(view.getUint16(t.offset + 2 * i, true));
     return out;
   };
-  const ln = (pre) => ({ weight: get(pre + ".weight"), bias: get(pre + ".bias") });
-  const lin = (pre) => ({ weight: get(pre + ".weight"), bias: get(pre + ".bias") });
+  const wb = (pre) => ({ weight: get(pre + ".weight"), bias: get(pre + ".bias") });  // a norm's or a linear's
   const blocks = [];
   for (let l = 0; l < meta.config.n_layer; l++) {
     const b = `blocks.${l}.`;
-    blocks.push({ ln_1: ln(b + "ln_1"), attn: { qkv: lin(b + "attn.qkv"), proj: lin(b + "attn.proj") },
-                  ln_2: ln(b + "ln_2"), mlp: { fc: lin(b + "mlp.fc"), proj: lin(b + "mlp.proj") } });
+    blocks.push({ ln_1: wb(b + "ln_1"), attn: { qkv: wb(b + "attn.qkv"), proj: wb(b + "attn.proj") },
+                  ln_2: wb(b + "ln_2"), mlp: { fc: wb(b + "mlp.fc"), proj: wb(b + "mlp.proj") } });
   }
   return new GPT(meta.config, { tok_emb: get("tok_emb.weight"), pos_emb: get("pos_emb.weight"), blocks,
-                                ln_f: ln("ln_f") });
+                                ln_f: wb("ln_f") });
 }
 
 function half(h) {  // IEEE float16 bits -> number

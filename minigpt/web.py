@@ -23,12 +23,12 @@ from minigpt.tokenizer import ROLE_TOKENS, SPECIAL_TOKENS
 HERE = os.path.dirname(os.path.abspath(__file__))
 GPT_JS = os.path.join(HERE, "gpt.js")
 PAGE = os.path.join(HERE, "page.html")
-# the page's models: key -> (run folder, what it is, the command that makes it); the first two must exist
+# the page's models: key -> (run folder, the command that makes it); the first two must exist
 RUNS = {
-    "base": ("pretrain", "pretrained", "python train_pretrain.py"),
-    "sft": ("sft", "fine-tuned (SFT)", "python train_sft.py"),
-    "dpo": ("dpo", "preference-tuned (DPO)", "python train_dpo.py"),
-    "chat": ("sft_chat", "chat, several tasks", "python train_sft.py --tasks all --format chat"),
+    "base": ("pretrain", "python train_pretrain.py"),
+    "sft": ("sft", "python train_sft.py"),
+    "dpo": ("dpo", "python train_dpo.py"),
+    "chat": ("sft_chat", "python train_sft.py --tasks all --format chat"),
 }
 
 
@@ -38,17 +38,22 @@ class WebError(ValueError):
 
 # ---- the weights, as the page holds them ----
 
+def int8_rows(w):
+    """(q, scale): each row (the last dimension) as integers in [-127, 127] times its own scale, max|row| / 127."""
+    scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # (rows, 1)
+    return torch.round(w / scale).clamp(-127, 127), scale
+
+
 def quantize(w, bits=8):
-    """A float tensor -> (bytes, scales bytes or None, dtype name). 8 bits: each row (the last dimension) as int8 times
-    its own float32 scale, max|row| / 127; 16 bits: float16; vectors (biases, norms) stay float32."""
+    """A float tensor -> (bytes, scales bytes or None, dtype name): 8 bits, int8 rows and a float32 scale each;
+    16 bits, float16; vectors (biases, norms) stay float32."""
     w = w.detach().float().cpu()
     if w.dim() == 1:
         return w.numpy().tobytes(), None, "float32"
     if bits == 16:
         return w.half().numpy().tobytes(), None, "float16"
-    scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # (rows, 1)
-    q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
-    return q.numpy().tobytes(), scale.squeeze(-1).numpy().tobytes(), "int8"
+    q, scale = int8_rows(w)
+    return q.to(torch.int8).numpy().tobytes(), scale.squeeze(-1).numpy().tobytes(), "int8"
 
 
 def dequantize(w, bits=8):
@@ -58,8 +63,8 @@ def dequantize(w, bits=8):
         return w.clone()
     if bits == 16:
         return w.half().float()
-    scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
-    return torch.round(w / scale).clamp(-127, 127) * scale
+    q, scale = int8_rows(w)
+    return q * scale
 
 
 def as_page_sees(model, bits=8):
@@ -96,7 +101,7 @@ def load_runs(runs_dir, names=None):
     """{key: (model, tokenizer, checkpoint)} for the page's models found under runs_dir; base and sft are required."""
     from minigpt.checkpoint import load_checkpoint
     found = {}
-    for key, (folder, _, command) in RUNS.items():
+    for key, (folder, command) in RUNS.items():
         path = os.path.join(runs_dir, folder)
         if names is not None and key not in names:
             continue
@@ -185,7 +190,7 @@ def build(runs_dir="runs", out=None, bits=8, names=None, log=print):
         log(f"{m['key']:5s} runs/{m['run']}: step {m['step']}, {len(m['weights']) * 3 // 4 / 1e6:.2f} MB of weights")
     missing = [k for k in RUNS if k not in found and (names is None or k in names)]
     for k in missing:
-        log(f"{k:5s} not included: no runs/{RUNS[k][0]} (make it with {RUNS[k][2]})")
+        log(f"{k:5s} not included: no runs/{RUNS[k][0]} (make it with {RUNS[k][1]})")
     log(f"wrote {out}: {len(html.encode('utf-8')) / 1e6:.2f} MB; open it in a browser (no network needed)")
     return out
 
