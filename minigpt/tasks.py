@@ -446,14 +446,17 @@ def reference_columns(exs_by_task):
     return [("real answers", real), ("another's real answer", shuffled)]
 
 
-def task_columns(base, tokenizer, seen, held_out, models, max_new_tokens=128, fmt=TITLE_TO_POEM, phrasings=False):
+def task_columns(base, tokenizer, seen, held_out, models, max_new_tokens=128, fmt=TITLE_TO_POEM, phrasings=False,
+                 own_formats=None):
     """The columns of the task table: the real answers and the chance level (reference_columns), the base model given
     the prompt; each fine-tuned model of models
     [(name, model)] on the trained phrasings; the last one also on the held-out phrasings and, for the acrostic,
-    with the head characters written in by the program. phrasings: the fine-tuned columns hold by_phrasing too."""
+    with the head characters written in by the program. phrasings: the fine-tuned columns hold by_phrasing too.
+    own_formats: {name: format} for a model asked in another format than fmt (a single-task model beside a chat one)."""
     columns = reference_columns(seen) + [("base, given the prompt", measure_tasks(base, tokenizer, seen, max_new_tokens,
                                                                                   True, fmt))]
-    columns += [(name, measure_tasks(m, tokenizer, seen, max_new_tokens, fmt=fmt, phrasings=phrasings)) for name, m in models]
+    columns += [(name, measure_tasks(m, tokenizer, seen, max_new_tokens, fmt=(own_formats or {}).get(name, fmt),
+                                     phrasings=phrasings)) for name, m in models]
     name, last = models[-1]
     columns.append((name + ", held-out phrasings",
                     measure_tasks(last, tokenizer, held_out, max_new_tokens, fmt=fmt, phrasings=phrasings)))
@@ -503,13 +506,17 @@ def main(argv=None):
     from minigpt.checkpoint import grow_vocab
     if base.config.vocab_size != tokenizer.vocab_size:
         base = grow_vocab(base, tokenizer.vocab_size)
-    # a single-task model beside a chat one gets the role ids too, as the base does: it reads the same prompts
-    models = [(name + " (roles new to it)", (grow_vocab(m, tokenizer.vocab_size), tok, ck))
-              if m.config.vocab_size != tokenizer.vocab_size else (name, (m, tok, ck)) for name, (m, tok, ck) in models]
+    # a single-task model beside a chat one is asked in its own format, <INS>...<RES>; its embedding grows by the
+    # chat vocabulary's rows, as the base model's does, for the quote marks a chat example may hold
+    own = {}
+    for i, (name, (m, tok, ck)) in enumerate(models):
+        if m.config.vocab_size != tokenizer.vocab_size:
+            own[name + ", its own format"] = TITLE_TO_POEM
+            models[i] = (name + ", its own format", (grow_vocab(m, tokenizer.vocab_size), tok, ck))
     seen = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T, fmt=fmt)
     held = eval_examples(splits["test"], tasks, groups, args.n, tokenizer, T, held_out=True, fmt=fmt)
     columns = task_columns(base, tokenizer, seen, held, [(name, m) for name, (m, _, _) in models], args.max_new_tokens, fmt,
-                           phrasings=args.by_phrasing)
+                           phrasings=args.by_phrasing, own_formats=own)
     print(format_task_table(columns, f"({args.n} test examples per task at most. {TABLE_NOTE})"))
     if args.by_phrasing:  # the multi-task model's two columns; the clauses with their head for the acrostic
         multi = columns[len(models) + 2:len(models) + 4]  # after the two reference columns, the base and the single

@@ -386,13 +386,18 @@ def test_several_tasks_get_the_longer_run_and_one_task_keeps_its_own():
     assert config(["--tasks", "all", "--format", "chat", "--max-minutes", "2"]).max_minutes == 2.0  # a flag still wins
 
 
-def test_the_task_table_puts_the_single_task_model_beside_a_chat_one(pretrained, finetuned, tmp_path):
-    """The single-task model never saw the chat roles: it gets their ids as the base model does, and its column says so."""
+def test_the_task_table_puts_the_single_task_model_beside_a_chat_one(pretrained, finetuned, tmp_path, monkeypatch):
+    """The single-task model never saw the chat roles: it is asked in its own <INS> format, and its column says so."""
     from minigpt import tasks
+    asked, write = [], tasks.write
+    monkeypatch.setattr(tasks, "write", lambda model, tok, prompts, *a, **kw: asked.append(
+        (model.config.vocab_size, prompts[0][:5], kw.get("stop"))) or write(model, tok, prompts, *a, **kw))
     chat = tmp_path / "chat"
     train_sft.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--init-from", str(pretrained[0]), "--out-dir",
                     str(chat), "--device", "cpu", "--tasks", "poem,form", "--format", "chat", "--max-steps", "2"])
     columns = tasks.main(["--base", str(pretrained[0]), "--single", str(finetuned), "--sft", str(chat), "--corpus",
                           FIXTURE_CORPUS, "--n", "2", "--max-new-tokens", "8"])
     names = [name for name, _ in columns]
-    assert "single-task SFT (roles new to it)" in names and "multi-task SFT" in names
+    assert "single-task SFT, its own format" in names and "multi-task SFT" in names
+    formats = {(p, stop) for _, p, stop in asked}
+    assert ("<INS>", "<END>") in formats and ("<USR>", "<EOT>") in formats  # the single model in its own, the rest in chat
