@@ -166,7 +166,7 @@ def ending_pairs(model, tokenizer, exs, yard, fmt=TITLE_TO_POEM, per_prompt=4, m
     characters there that keep it, drawn by probability). Then at each line ending after the first, the model's own
     next-character choices there (its top_k, as in sampling) give two characters, drawn by its probabilities: one
     that keeps the rhyme (of the first ending's group, used by no other ending) and one that breaks it (outside the
-    group, or another ending's character again). The rest of the answer is kept on both sides, and the pair counts
+    group, or an earlier ending's character again). The rest of the answer is kept on both sides, and the pair counts
     only up to that character (Pair.upto): its log-ratios differ there alone. The one that keeps the rhyme is chosen
     when it passes the checkers whole, against the other, which fails the rhyme alone. hold: as in pair_up.
     Returns (pairs, counts)."""
@@ -218,7 +218,7 @@ class _EndingPairs:
             if len(made) == self.per_prompt or k > 1 and not rhymes("\n".join(ends[:k]), self.yard.rhyme_groups):
                 break  # enough, or the endings so far no longer rhyme: no ending after them can keep a rhyme
             row = logits[0, len(prompt_ids) + places[k] - 1]  # the logits that chose the k-th ending
-            pair, why = self.pair_at(ex, prompt, tokens, places[k], ends[:k] + ends[k + 1:], group, row, k)
+            pair, why = self.pair_at(ex, prompt, tokens, places[k], ends[:k], ends[k + 1:], group, row, k)
             if why:
                 counts[why] += 1
             else:
@@ -233,27 +233,29 @@ class _EndingPairs:
         for k in range(1, len(places)):
             if self.yard.rhyme_groups.get(ends[k]) == group and ends[k] not in ends[:k]:
                 continue
-            rhyming = self.options(rows[places[k]], ends[:k] + ends[k + 1:], group)[0]
+            rhyming = self.options(rows[places[k]], ends[:k], ends[k + 1:], group)[0]
             if not rhyming:
                 break
             ends[k] = tokens[places[k]] = draw(rhyming, self.gen)
             counts["endings mended"] += 1
         return tokens, ends
 
-    def options(self, row, other_ends, group):
+    def options(self, row, earlier, later, group):
         """([(character, logit)] that keep the rhyme, those that break it) among the top_k at one place: a character of
-        the group that no other ending uses keeps it; one outside the group, or another ending's character again,
-        breaks it (the checker asks for different characters)."""
+        the group that no other ending uses keeps it; one outside the group, or an earlier ending's character again,
+        breaks it (the checker asks for different characters). A character of the group that only a later ending
+        uses is on neither side: where it is written, the model cannot see that it comes again further on."""
         top = torch.topk(row.float() / self.temperature, min(self.top_k, row.size(-1)))
         itos, groups = self.tokenizer.itos, self.yard.rhyme_groups
         options = [(itos[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())
                    if len(itos[i]) == 1 and itos[i] not in CLAUSE_MARKS + "\n"]
-        keeps = [groups.get(c) == group and c not in other_ends for c, _ in options]
-        return [o for o, k in zip(options, keeps) if k], [o for o, k in zip(options, keeps) if not k]
+        keeps = [o for o in options if groups.get(o[0]) == group and o[0] not in earlier and o[0] not in later]
+        breaks = [o for o in options if groups.get(o[0]) != group or o[0] in earlier]
+        return keeps, breaks
 
-    def pair_at(self, ex, prompt, tokens, place, other_ends, group, row, k):
+    def pair_at(self, ex, prompt, tokens, place, earlier, later, group, row, k):
         """(the pair made by changing the ending at place, '') or (None, why not)."""
-        sides = self.options(row, other_ends, group)
+        sides = self.options(row, earlier, later, group)
         if not all(sides):
             return None, "no rhyming and unrhyming choice"
         picks = [draw(side, self.gen) for side in sides]

@@ -378,3 +378,18 @@ def test_title_pairs_put_a_title_character_where_the_model_would(monkeypatch):
     assert (p.chosen, p.rejected, p.upto) == (RHYMES[:j] + "高" + RHYMES[j + 1:], RHYMES, j + 1)
     assert judge(p.chosen, True, ex, yard, PREFERENCES["title"]) == ""
     assert judge(p.rejected, True, ex, yard, PREFERENCES["title"]) == "not title"
+
+
+def test_a_character_only_a_later_ending_uses_is_on_neither_side(chars):
+    """At the second ending of a 律詩 whose fourth ending is 樓, 樓 would make the poem repeat an ending, but the model
+    writing the second line cannot see that: it is neither kept nor rejected. 流, the first ending, is rejected."""
+    wide_chars = CharTokenizer(RHYMES + "舟深心")
+    maker = pairing._EndingPairs(None, wide_chars, ENDINGS, 4, None, 1.0, 4, torch.Generator().manual_seed(0))  # top 4
+    row = torch.full((wide_chars.vocab_size,), -1e9)
+    for c, v in {"樓": 5.0, "舟": 4.0, "流": 3.0, "深": 2.0}.items():
+        row[wide_chars.stoi[c]] = v
+    keeps, breaks = maker.options(row, earlier=["流"], later=["樓"], group="A")
+    assert [c for c, _ in keeps] == ["舟"]
+    assert [c for c, _ in breaks] == ["流", "深"]
+    keeps, breaks = maker.options(row, earlier=["流"], later=[], group="A")  # with no later ending, 樓 keeps it
+    assert [c for c, _ in keeps] == ["樓", "舟"]
