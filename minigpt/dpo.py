@@ -27,7 +27,15 @@ from minigpt.model import IGNORE_INDEX
 def token_logprobs(model, x, y):
     """(B, T) log p(target) at each position; 0 where the target does not count (y == IGNORE_INDEX)."""
     logits, _ = model(x)  # (B, T, V)
-    return -F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T)
+    return target_logprobs(logits, y)
+
+
+def target_logprobs(logits, y):
+    """(B, T) log p(target) under logits (B, T, V) at each position; 0 where the target does not count (computed at the
+    counted positions alone: a log-softmax over the vocabulary is the costly part)."""
+    counted = y != IGNORE_INDEX
+    logp = -F.cross_entropy(logits[counted].float(), y[counted], reduction="none")
+    return torch.zeros(y.shape, dtype=logp.dtype, device=logp.device).masked_scatter(counted, logp)
 
 
 def sequence_logprobs(model, x, y):
@@ -44,39 +52,58 @@ def implicit_rewards(logp, ref_c, ref_r, beta):
 
 class PairBatch(NamedTuple):
     """B pairs as tensors: each side's inputs and targets (B, T) (targets only on the answer and its end marker), the
-    reference's log-probabilities (B,), and optionally real training poems (x, y) for the SFT term."""
+    reference's log-probabilities (B,), whether the two sides share their inputs (shared: see pair_batch), and
+    optionally real training poems (x, y) for the SFT term."""
     chosen_x: torch.Tensor
     chosen_y: torch.Tensor
     rejected_x: torch.Tensor
     rejected_y: torch.Tensor
     ref_chosen: torch.Tensor
     ref_rejected: torch.Tensor
+    shared: bool = False
     real_x: torch.Tensor = None
     real_y: torch.Tensor = None
+
+
+def pair_token_logprobs(model, batch, extra=(), device=None):
+    """(2B, T) per-token log-probabilities of a PairBatch's chosen rows, then its rejected rows (0 where the target
+    does not count), and [(rows, T)] of each extra (x, y), from one forward pass on device (the batch's). A shared batch
+    runs its chosen rows alone: there the rejected rows' counted targets see the very inputs the chosen rows hold, so
+    the same logits score both sides (half the work for pairs that differ in one token)."""
+    sides = [(batch.chosen_x, batch.chosen_y)] + [(batch.rejected_x, batch.rejected_y)] * (not batch.shared) + list(extra)
+    T = max(x.size(1) for x, _ in sides)
+    device = device or batch.chosen_x.device
+    logits, _ = model(torch.cat([F.pad(x, (0, T - x.size(1))) for x, _ in sides]).to(device))  # padded on the right
+    n = batch.chosen_x.size(0)
+    y = lambda t: F.pad(t, (0, T - t.size(1)), value=IGNORE_INDEX).to(device)
+    pairs = torch.cat([target_logprobs(logits[:n], y(batch.chosen_y)),
+                       target_logprobs(logits[:n] if batch.shared else logits[n:2 * n], y(batch.rejected_y))])
+    rest, start = [], n * (1 if batch.shared else 2)
+    for ex, ey in extra:
+        rest.append(target_logprobs(logits[start:start + ex.size(0)], y(ey)))
+        start += ex.size(0)
+    return pairs, rest
 
 
 def dpo_loss(model, batch, beta=0.1, sft_weight=0.0):
     """The DPO loss averaged over the pairs of a PairBatch; with sft_weight, plus that times the SFT loss (nats per
     token) on the batch's real training poems, which holds the model to the poems it was tuned on. One forward pass
     for all rows. Returns (mean, number of pairs), as the training loop asks."""
-    real = batch.real_x is not None
-    xs = [batch.chosen_x, batch.rejected_x] + [batch.real_x] * real
-    ys = [batch.chosen_y, batch.rejected_y] + [batch.real_y] * real
-    T = max(x.size(1) for x in xs)
-    x = torch.cat([F.pad(x, (0, T - x.size(1))) for x in xs])  # (rows, T), padded on the right
-    y = torch.cat([F.pad(y, (0, T - y.size(1)), value=IGNORE_INDEX) for y in ys])
-    per_token = token_logprobs(model, x, y)  # (rows, T)
+    real = [(batch.real_x, batch.real_y)] if batch.real_x is not None and sft_weight else []
+    per_token, rest = pair_token_logprobs(model, batch, real)  # (2B, T)
     n = batch.chosen_x.size(0)
-    chosen, rejected = implicit_rewards(per_token[:2 * n].sum(dim=1), batch.ref_chosen, batch.ref_rejected, beta)
+    chosen, rejected = implicit_rewards(per_token.sum(dim=1), batch.ref_chosen, batch.ref_rejected, beta)
     loss = -F.logsigmoid(chosen - rejected).mean()
-    if real and sft_weight:
-        loss = loss + sft_weight * -per_token[2 * n:].sum() / (y[2 * n:] != IGNORE_INDEX).sum()
+    if real:
+        loss = loss + sft_weight * -rest[0].sum() / (batch.real_y != IGNORE_INDEX).sum()
     return loss, torch.tensor(n)
 
 
 def pair_batch(pairs, tokenizer, fmt=TITLE_TO_POEM):
     """A PairBatch of pairs: both sides padded to one length, targets only on the answer and its end marker, where it
-    wrote one (the prompt masked as in SFT), or on the answer's first p.upto tokens."""
+    wrote one (the prompt masked as in SFT), or on the answer's first p.upto tokens; cut after the last target that
+    counts. shared when in every pair both sides hold the same inputs up to their last counted target (a pair that
+    differs in one token and counts up to it): no counted target then sees where they differ."""
     rendered = [render(tokenizer, p.prompt, p.chosen + fmt.end) for p in pairs] + \
                [render(tokenizer, p.prompt, p.rejected + fmt.end * p.rejected_stopped) for p in pairs]
     x, y = sft_batch(rendered, tokenizer.pad_id)
@@ -84,14 +111,13 @@ def pair_batch(pairs, tokenizer, fmt=TITLE_TO_POEM):
     for b, p in enumerate(pairs + pairs):  # a pair that counts only up to its change: nothing after it is a target
         if p.upto:
             y[b, (y[b] != IGNORE_INDEX).nonzero()[p.upto:, 0]] = IGNORE_INDEX
+    counted = y != IGNORE_INDEX
+    last = counted.any(0).nonzero().max().item() + 1 if counted.any() else 1
+    x, y, counted = x[:, :last], y[:, :last], counted[:, :last]
+    seen = (counted[:n] | counted[n:]).flip(1).cummax(1).values.flip(1)  # (n, T) inputs a counted target sees
+    shared = bool(((x[:n] == x[n:]) | ~seen).all())
     refs = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], dtype=torch.float32)
-    return PairBatch(x[:n], y[:n], x[n:], y[n:], refs[:, 0], refs[:, 1])
-
-
-def _both_sides(batch, device):
-    """(x, y) of a PairBatch's chosen rows, then its rejected rows, on device."""
-    return (torch.cat([batch.chosen_x, batch.rejected_x]).to(device),
-            torch.cat([batch.chosen_y, batch.rejected_y]).to(device))
+    return PairBatch(x[:n], y[:n], x[n:], y[n:], refs[:, 0], refs[:, 1], shared)
 
 
 @torch.no_grad()
@@ -102,7 +128,7 @@ def fill_reference(reference, pairs, tokenizer, fmt=TITLE_TO_POEM, batch_size=64
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i:i + batch_size]
             with autocast():
-                logp = sequence_logprobs(reference, *_both_sides(pair_batch(chunk, tokenizer, fmt), reference.device))
+                logp = pair_token_logprobs(reference, pair_batch(chunk, tokenizer, fmt), device=reference.device)[0].sum(1)
             logp = logp.float().cpu()
             for p, c, r in zip(chunk, logp[:len(chunk)].tolist(), logp[len(chunk):].tolist()):
                 p.ref_chosen, p.ref_rejected = c, r
@@ -116,7 +142,7 @@ def preference_metrics(model, batches, beta):
     losses, right, margins = [], 0, []
     with evaluating(model):
         for batch in batches:
-            logp = sequence_logprobs(model, *_both_sides(batch, model.device))  # (2B,)
+            logp = pair_token_logprobs(model, batch, device=model.device)[0].sum(dim=1)  # (2B,)
             chosen, rejected = implicit_rewards(logp, batch.ref_chosen.to(model.device),
                                                 batch.ref_rejected.to(model.device), beta)
             margin = chosen - rejected
@@ -143,8 +169,10 @@ def margin_parts(model, reference, pairs, tokenizer, yard, prefer, fmt=TITLE_TO_
     with evaluating(model), evaluating(reference):
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i:i + batch_size]
-            x, y = _both_sides(pair_batch(chunk, tokenizer, fmt), model.device)
-            ratio = (token_logprobs(model, x, y) - token_logprobs(reference, x, y)).cpu()  # (2B, T), 0 off the answer
+            batch = pair_batch(chunk, tokenizer, fmt)
+            ratio = (pair_token_logprobs(model, batch, device=model.device)[0]
+                     - pair_token_logprobs(reference, batch, device=model.device)[0]).cpu()  # (2B, T), 0 off the answer
+            y = torch.cat([batch.chosen_y, batch.rejected_y])
             sides = [(p.chosen, p) for p in chunk] + [(p.rejected, p) for p in chunk]
             parts = [_split(row[target != IGNORE_INDEX], answer, p.title, tokenizer, yard, prefer)
                      for row, (answer, p), target in zip(ratio, sides, y.cpu())]

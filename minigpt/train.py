@@ -445,9 +445,9 @@ class Processes:
         return DDP(model) if self.world > 1 else model
 
     def rows(self, batch):
-        """This process's rows of the whole batch (a tuple of tensors, or a named one with fields left None), on its
-        device."""
-        rows = (None if t is None else t[self.rank::self.world].to(self.device) for t in batch)
+        """This process's rows of the whole batch (a tuple of tensors, or a named one whose other fields, None or a
+        flag, are kept as they are), on its device."""
+        rows = (t[self.rank::self.world].to(self.device) if torch.is_tensor(t) else t for t in batch)
         return batch._make(rows) if hasattr(batch, "_make") else tuple(rows)
 
     def weighted(self, loss_fn):

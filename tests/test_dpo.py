@@ -330,12 +330,40 @@ def test_an_ending_pair_counts_up_to_the_ending_it_changes(monkeypatch, wide):
     # what follows the change adds nothing: the same pair with another tail has the same log-probabilities
     model = GPT(GPTConfig(vocab_size=wide.vocab_size, block_size=64, n_layer=1, n_head=1, n_embd=16))
     other = Pair(**{**pairs[0].__dict__, "chosen": pairs[0].chosen[:-1] + "，", "rejected": pairs[0].rejected[:-1] + "，"})
-    logp = [dpo.sequence_logprobs(model, *dpo._both_sides(pair_batch([p], wide), "cpu")) for p in (pairs[0], other)]
+    logp = [dpo.pair_token_logprobs(model, pair_batch([p], wide))[0].sum(1) for p in (pairs[0], other)]
     assert torch.equal(logp[0], logp[1])
     parts = dpo.margin_parts(model, model, pairs, wide, ENDINGS, PREFERENCES["rhyme"])  # where a margin comes from
     assert parts == [(0.0, 0.0)]  # the model is its own reference: nothing gained, at the ending or before it
     whole = Pair(**{**pairs[0].__dict__, "upto": 0})
     assert (pair_batch([whole], wide).chosen_y != IGNORE_INDEX).sum() == len(RHYMES) + 1  # every token and <END>
+
+
+def test_pairs_that_differ_in_one_token_share_one_forward_pass(monkeypatch, wide):
+    ending, _ = scripted_pairs(monkeypatch, wide, {"樓": 5.0, "深": 3.0})
+    whole = Pair("poem", TITLE_TO_POEM.prompt("登樓"), RHYMES, NO_RHYME, "not rhyme")
+    early = Pair(**{**ending[0].__dict__, "rejected": "黃" + ending[0].rejected[1:]})  # differs before the change too
+    assert pair_batch(ending, wide).shared and pair_batch(ending + ending, wide).shared
+    assert not any(pair_batch(ps, wide).shared for ps in ([whole], ending + [whole], [early]))
+    cut = pair_batch(ending, wide)  # cut after the changed ending: nothing past it is computed
+    assert cut.chosen_x.size(1) == (cut.chosen_y != IGNORE_INDEX).nonzero()[:, 1].max() + 1
+    config = GPTConfig(vocab_size=wide.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(3)
+    model, reference = GPT(config), GPT(config)
+    fill_reference(reference, ending, wide)  # another model as the reference: the loss is not log 2
+    real = sft_batch([render(wide, TITLE_TO_POEM.prompt("登樓"), NO_RHYME + "<END>")], wide.pad_id)
+    batch = pair_batch(ending, wide)._replace(real_x=real[0], real_y=real[1])
+    grads = []
+    for shared in (True, False):  # the one pass against both sides run
+        model.zero_grad()
+        loss, _ = dpo_loss(model, batch._replace(shared=shared), beta=0.5, sft_weight=0.3)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6) and abs(grads[0][0] - math.log(2)) > 1e-3
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+    # the whole pair is not shared, and running its chosen rows alone would score the rejected answer wrongly
+    whole_batch = pair_batch([whole], wide)
+    both = dpo.pair_token_logprobs(model, whole_batch)[0].sum(1)
+    assert not torch.allclose(both, dpo.pair_token_logprobs(model, whole_batch._replace(shared=True))[0].sum(1))
 
 
 def test_an_ending_that_repeats_an_earlier_one_is_a_rejected_choice(monkeypatch, wide):

@@ -130,7 +130,8 @@ def test_one_home_per_idea():
         return {n.module for n in ast.walk(parsed(name)) if isinstance(n, ast.ImportFrom)}
     assert "minigpt.train" not in imported("evaluate.py") and "minigpt.plot" not in imported("train.py")
     dpo = [n.name for n in parsed("dpo.py").body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-    assert dpo[:4] == ["token_logprobs", "sequence_logprobs", "implicit_rewards", "PairBatch"] and dpo[4] == "dpo_loss"
+    assert dpo[:7] == ["token_logprobs", "target_logprobs", "sequence_logprobs", "implicit_rewards", "PairBatch",
+                       "pair_token_logprobs", "dpo_loss"]
     generate = next(n for n in ast.walk(parsed("model.py")) if isinstance(n, ast.FunctionDef) and n.name == "generate")
     assert generate.end_lineno - generate.lineno + 1 <= 20
 
