@@ -184,8 +184,10 @@ def margin_parts(model, reference, pairs, tokenizer, yard, prefer, fmt=TITLE_TO_
 def _split(on_answer, answer, title, tokenizer, yard, prefer):
     """(the log-ratio at the places the preference reads, the rest); on_answer: per answer token, then the end marker."""
     tokens = [tokenizer.itos[i] for i in tokenizer.encode(answer, unknown="unk")]
-    at = on_answer[[i for i in prefer.places(tokens, title, yard) if i < len(on_answer)]].sum().item()  # counted ones
-    return at, on_answer.sum().item() - at
+    at = torch.zeros(len(on_answer), dtype=torch.bool)
+    at[[i for i in prefer.places(tokens, title, yard) if i < len(on_answer)]] = True  # the counted ones
+    # each part summed on its own: tokens the two sides share then add up to the same value on both, to the last bit
+    return on_answer[at].sum().item(), on_answer[~at].sum().item()
 
 
 def margin_shares(parts):

@@ -360,6 +360,13 @@ def test_pairs_that_differ_in_one_token_share_one_forward_pass(monkeypatch, wide
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6) and abs(grads[0][0] - math.log(2)) > 1e-3
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+    # the tokens before the change are the same on both sides: their part of the margin is exactly nothing
+    parts = dpo.margin_parts(model, reference, ending, wide, ENDINGS, PREFERENCES["rhyme"])
+    assert parts[0][1] == 0.0 and parts[0][0] != 0.0
+    last = SimpleNamespace(places=lambda tokens, title, yard: [3])  # the fourth token is where the preference reads
+    shared = [0.1, -2.3, 0.7]
+    sides = [dpo._split(torch.tensor(shared + [v]), "白日依山", "", wide, None, last) for v in (-1234.567, -0.001)]
+    assert sides[0][1] == sides[1][1] and sides[0][0] == pytest.approx(-1234.567)  # not the total less the place
     # the whole pair is not shared, and running its chosen rows alone would score the rejected answer wrongly
     whole_batch = pair_batch([whole], wide)
     both = dpo.pair_token_logprobs(model, whole_batch)[0].sum(1)
