@@ -1,6 +1,6 @@
 """Speed figures for this machine, printed (not a test): training throughput and achieved GFLOP/s against the
-measured matrix-multiply peak (the model FLOPs utilisation), generation with and without the KV cache, and the
-SFT metrics' cost.
+measured matrix-multiply peak (the model FLOPs utilisation), generation with and without the KV cache, a DPO step
+with one forward pass a pair against both sides, and the SFT metrics' cost.
 
     python -m minigpt.bench                  # a few minutes on 2 CPU cores
     python -m minigpt.bench --device cuda    # the same on a GPU, with the gpu preset as the larger model
@@ -88,6 +88,40 @@ def generation_rate(cfg, batch_size, new_tokens, use_cache, device="cpu"):
     generate(model, prompts, new_tokens, temperature=1.0, use_cache=use_cache, generator=gen)
     sync(device)
     return batch_size * new_tokens / (time.perf_counter() - t)
+
+
+def dpo_step_time(cfg, pairs, steps, shared, device="cpu", prompt=16):
+    """Seconds per DPO step (forward, backward, optimizer) on random pairs shaped like ending pairs (the two sides the
+    same but for one target, counted up to it) with as many real rows for the SFT term: the chosen rows alone
+    (shared, as pair_batch marks such pairs) or both sides run."""
+    from minigpt.dpo import PairBatch, dpo_loss
+    from minigpt.model import IGNORE_INDEX
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).train()
+    opt = make_optimizer(model, TrainConfig(optimizer="adamw"))
+    n, T, rows = pairs, cfg.block_size, torch.arange(pairs)
+    ids = torch.randint(cfg.vocab_size, (2 * n, T + 1))
+    x, y = ids[:, :-1].clone(), ids[:, 1:].clone()
+    y[:, :prompt] = IGNORE_INDEX  # the prompt, masked; the real rows count every answer target
+    change = torch.randint(T // 3, T - 1, (n,))  # where the two sides differ: the last counted target
+    y[:n][torch.arange(T) > change[:, None]] = IGNORE_INDEX
+    rejected_y = y[:n].clone()
+    rejected_y[rows, change] = (y[rows, change] + 1) % cfg.vocab_size
+    rejected_x = x[:n].clone()
+    rejected_x[rows, change + 1] = rejected_y[rows, change]
+    zeros = torch.zeros(n)
+    batch = PairBatch(x[:n], y[:n], rejected_x, rejected_y, zeros, zeros, shared, x[n:], y[n:])
+    batch = batch._make(t.to(device) if torch.is_tensor(t) else t for t in batch)
+    for i in range(2 + steps):
+        if i == 2:
+            sync(device)
+            t = time.perf_counter()
+        loss, _ = dpo_loss(model, batch, beta=0.3, sft_weight=1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync(device)
+    return (time.perf_counter() - t) / steps
 
 
 def sft_metrics_time(n_titles, max_new_tokens, device="cpu"):
@@ -292,6 +326,14 @@ def main(argv=None):
         with_cache, without = (statistics.median(r) for r in zip(*runs))
         print(f"  batch {batch:2d}: KV cache {with_cache:8.0f} tok/s, recomputing {without:8.0f} tok/s, "
               f"x{with_cache / without:.1f}")
+
+    pairs = 4 if tiny else 16
+    print(f"\nDPO step ({models[0][0].split(' (')[0]}, {pairs} pairs that differ in one token + {pairs} real poems), "
+          "median of 3 runs")
+    runs = [(dpo_step_time(gen_cfg, pairs, steps, True, device), dpo_step_time(gen_cfg, pairs, steps, False, device))
+            for _ in range(3)]
+    one, both = (statistics.median(r) for r in zip(*runs))
+    print(f"  one forward pass a pair {one * 1000:6.0f} ms, both sides {both * 1000:6.0f} ms, x{both / one:.2f}")
 
     n_titles = 4 if tiny else 200
     seconds, which = sft_metrics_time(n_titles, 16 if tiny else 256, device)
