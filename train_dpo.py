@@ -189,6 +189,20 @@ def make_all_pairs(ref, tokenizer, splits, tasks, yard, fmt, settings, seed, out
     return pairs, counts, val_pairs, whole
 
 
+def rare_start(prefer, rates, chance):
+    """One line when the start shows what is preferred hardly more often than chance (within 5 points), else None:
+    DPO reweights what the model already writes, so one round moves little from there. rates: the start's measure()
+    on val titles; chance: {metric key: the rate by chance}."""
+    rows = [(m, rates[m.key], chance[m.key]) for m in prefer.metrics if m.key in chance and rates[m.key] is not None]
+    low = [(m, have, by_chance) for m, have, by_chance in rows if have - by_chance < 0.05]
+    if not low:
+        return None
+    m, have, by_chance = low[0]
+    return (f"note: at the start, {m.label}: {have:.1%} on val titles, {by_chance:.1%} by chance; DPO makes likelier "
+            "what the model already writes, so one round moves little from here (docs/dpo.md)"
+            + ("; --prefer title teaches from a model that names its title now and then" * (prefer.name != "title")))
+
+
 def say_pairs(pairs, counts, val_pairs, val_counts, whole, prefer, seconds):
     """What pair making gave, and one pair."""
     print(f"pairs from {counts['samples']} answers to {counts['prompts']} train prompts in {seconds:.0f} s: "
@@ -237,8 +251,13 @@ def main(argv=None):
                              "shown": f"[{t}]{'' if s else ' (no end marker)'}\n{mark(a, t, yard, prefer)}"}
                             for t, (a, s) in zip(DEMO_TITLES, answers)]}
 
+    chance = {"rhyme_rate": yard.calibrate(splits["val"])[1]}  # line endings shuffled across real poems
+
     def metrics(m, step):
         out = measure(m, tokenizer, val_set.titles, yard, poem_fmt, val=val, max_new_tokens=settings.max_new_tokens)
+        note = rare_start(prefer, out, {**chance, "relevance": out["relevance_shuffled"]}) if step == 0 else None
+        if note:
+            print(note)
         return {**out, **preference_metrics(m, val_batches, settings.beta)}
 
     extra_ckpt = {"stage": "dpo", "model_config": model.config.__dict__.copy(), "tokenizer": tokenizer.to_list(),

@@ -188,6 +188,23 @@ def stand_in_judge(answer, stopped, example, yard, prefer):
 DPO = ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--device", "cpu"]
 
 
+def test_a_start_that_hardly_has_the_preference_is_named():
+    rhyme, title = PREFERENCES["rhyme"], PREFERENCES["title"]
+    note = train_dpo.rare_start(rhyme, {"rhyme_rate": 0.063}, {"rhyme_rate": 0.035})  # a model that did not learn to rhyme
+    assert note.startswith("note: at the start, rhymes (of regular answers): 6.3% on val titles, 3.5% by chance")
+    assert "--prefer title" in note
+    assert train_dpo.rare_start(rhyme, {"rhyme_rate": 0.527}, {"rhyme_rate": 0.035}) is None  # half its poems rhyme
+    assert train_dpo.rare_start(rhyme, {"rhyme_rate": 0.086}, {"rhyme_rate": 0.035}) is None  # 5.1 points over chance
+    assert train_dpo.rare_start(rhyme, {"rhyme_rate": 0.084}, {"rhyme_rate": 0.035})  # 4.9
+    assert train_dpo.rare_start(rhyme, {"rhyme_rate": None}, {"rhyme_rate": 0.035}) is None  # no regular answer
+    assert train_dpo.rare_start(title, {"relevance": 0.38}, {"relevance": 0.24}) is None  # the class model: 14 points
+    note = train_dpo.rare_start(title, {"relevance": 0.27}, {"relevance": 0.25})
+    assert "mentions its title: 27.0%" in note and "--prefer title" not in note
+    both = PREFERENCES["rhyme+title"]
+    assert "rhymes" in train_dpo.rare_start(both, {"rhyme_rate": 0.04, "relevance": 0.5}, {"rhyme_rate": 0.035,
+                                                                                               "relevance": 0.25})
+
+
 def test_dpo_runs_from_the_sft_checkpoint(finetuned, tmp_path, monkeypatch):
     monkeypatch.setattr(pairing, "judge", stand_in_judge)
     result = train_dpo.main(DPO + ["--init-from", str(finetuned), "--out-dir", str(tmp_path), "--test-titles", "4",
