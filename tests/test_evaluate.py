@@ -1,4 +1,8 @@
 """The judge-free metrics on hand-made strings, and the table's columns on a tiny model."""
+import math
+import os
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -8,6 +12,9 @@ from minigpt.metrics import (NearClauses, Yardstick, copy_rate, distinct_clauses
                              runs_on)
 from minigpt.verse import first_poem, is_regular
 from minigpt.model import GPT, IGNORE_INDEX, GPTConfig
+from minigpt.tokenizer import CharTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def model(tiny_config):
@@ -179,3 +186,27 @@ def test_the_rhyme_checker_is_calibrated_against_shuffled_endings():
     yard.rhyme_groups = groups
     real, shuffled = yard.calibrate(poems, seed=0)
     assert real == 1.0 and shuffled < 0.6
+
+
+def test_the_rhyme_probe_reads_the_loss_where_each_ending_is_guessed():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rhyme_probe", os.path.join(ROOT, "tools", "rhyme_probe.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    poem = Poem("登樓", "王之渙", ("白日依山盡，黃河入海流。", "欲窮千里目，更上一層樓。"))
+    tok = CharTokenizer(PLAIN.prompt(poem.title) + poem.body)
+    prompt = len(tok.encode(PLAIN.prompt(poem.title)))
+
+    class Sure(torch.nn.Module):  # flat logits, except certain of 樓 where the second ending is guessed
+        config = SimpleNamespace(block_size=64)
+        device = torch.device("cpu")
+
+        def forward(self, idx):
+            logits = torch.zeros(1, idx.size(1), tok.vocab_size)
+            logits[0, prompt + len("白日依山盡，黃河入海流。\n欲窮千里目，更上一層") - 1, tok.stoi["樓"]] = 100.0
+            return logits, None
+
+    losses = probe.ending_losses(Sure(), tok, [poem])
+    flat = math.log(tok.vocab_size)
+    assert losses["later endings"] == pytest.approx(0.0, abs=1e-6)  # the one it is sure of
+    assert losses["first ending"] == pytest.approx(flat) and losses["other characters"] == pytest.approx(flat)
