@@ -46,6 +46,8 @@ def main(argv=None):
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus the models were trained on")
     p.add_argument("--poems", type=int, default=600, help="regular val poems to read")
     args = p.parse_args(argv)
+    if args.poems <= 0:
+        p.error(f"--poems must be positive, got {args.poems}")
     poems = [q for q in split_poems(load_poems(args.corpus))["val"] if is_regular(q.body)][:args.poems]
     out = {}
     print(f"mean loss (nats) on {len(poems)} regular val poems: at the first couplet's ending, at the later ones "
