@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minigpt.data import (PLAIN, TITLE_TO_POEM, CorpusError, Poem, PretrainData, clauses, leak, load_poems, poem_groups,
-                          render_sft, sft_batch, split_poems)
+                          pretrain_text, render_sft, sft_batch, split_poems)
 from minigpt.verse import MEANINGLESS_TITLES, clean_title, is_regular
 from minigpt.model import GPT, IGNORE_INDEX
 
@@ -53,12 +53,31 @@ def test_pretraining_text_is_poems_one_after_another(splits, tokenizer):
     first = splits["train"][0]
     assert tokenizer.decode(data.train[:len(first.title) + 1].tolist()) == first.title + "\n"
     assert PLAIN.prompt("春曉") + "x" + PLAIN.end == "春曉\nx\n\n"
-    x, y = data.get_batch(4, 16, torch.Generator().manual_seed(0))
-    assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
-    val = data.val_batches(2, 3, 16)  # six fixed windows spread over the whole val stream, first to last
+    assert len(data.train_starts) == len(splits["train"]) and len(data.val_starts) == len(splits["val"])
+    for start, poem in zip(data.train_starts.tolist(), splits["train"]):  # each start is where a poem's text begins
+        assert tokenizer.decode(data.train[start:start + len(poem.title) + len(poem.body) + 3].tolist()) == pretrain_text(poem)
+
+
+def test_every_pretraining_window_starts_at_a_title(splits, tokenizer):
+    data = PretrainData(splits, tokenizer)
+    x, y = data.get_batch(64, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (64, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    titles = {tokenizer.decode(data.train[s:s + 16].tolist()) for s in data.train_starts.tolist()}
+    assert all(tokenizer.decode(row.tolist()) in titles for row in x)
+    assert len({tokenizer.decode(row.tolist()) for row in x}) > 32  # random poems, not one
+    after = {s - 1 for s in data.train_starts.tolist()} & set(range(len(data.train)))
+    assert all(tokenizer.itos[data.train[s].item()] == "\n" for s in after)  # a blank line ends the poem before
+    val = data.val_batches(2, 3, 16)  # six fixed windows from titles spread over the val stream, first to last
     assert [len(b[0]) for b in val] == [3, 3] and torch.equal(val[0][0][0], data.val[:16])
-    end = len(data.val) - 2
-    assert torch.equal(val[1][0][2], data.val[end - 16:end]) and torch.equal(val[1][1][2], data.val[end - 15:end + 1])
+    last = data.val_starts[data.val_starts + 17 <= len(data.val)][-1]
+    assert torch.equal(val[1][0][2], data.val[last:last + 16]) and torch.equal(val[1][1][2], data.val[last + 1:last + 17])
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(val, data.val_batches(2, 3, 16)))  # the same every time
+
+
+def test_a_corpus_shorter_than_one_window_is_named(splits, tokenizer):
+    data = PretrainData(splits, tokenizer)
+    with pytest.raises(CorpusError, match=r"the val poems hold \d+ characters, fewer than one window of \d+; use a larger"):
+        data.val_batches(1, 2, len(data.val))
 
 
 def test_bad_corpus_lines_are_named(tmp_path):

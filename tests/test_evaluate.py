@@ -14,6 +14,8 @@ from minigpt.verse import first_poem, is_regular
 from minigpt.model import GPT, IGNORE_INDEX, GPTConfig
 from minigpt.tokenizer import CharTokenizer
 
+from conftest import FIXTURE_CORPUS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
@@ -188,11 +190,16 @@ def test_the_rhyme_checker_is_calibrated_against_shuffled_endings():
     assert real == 1.0 and shuffled < 0.6
 
 
-def test_the_rhyme_probe_reads_the_loss_where_each_ending_is_guessed():
+def _tool(name):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("rhyme_probe", os.path.join(ROOT, "tools", "rhyme_probe.py"))
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_rhyme_probe_reads_the_loss_where_each_ending_is_guessed():
+    probe = _tool("rhyme_probe")
     poem = Poem("登樓", "王之渙", ("白日依山盡，黃河入海流。", "欲窮千里目，更上一層樓。"))
     tok = CharTokenizer(PLAIN.prompt(poem.title) + poem.body)
     prompt = len(tok.encode(PLAIN.prompt(poem.title)))
@@ -210,3 +217,18 @@ def test_the_rhyme_probe_reads_the_loss_where_each_ending_is_guessed():
     flat = math.log(tok.vocab_size)
     assert losses["later endings"] == pytest.approx(0.0, abs=1e-6)  # the one it is sure of
     assert losses["first ending"] == pytest.approx(flat) and losses["other characters"] == pytest.approx(flat)
+
+
+def test_rhyme_emergence_probes_every_seed_every_few_steps(splits, tokenizer):
+    tool = _tool("rhyme_emergence")
+    runs = tool.main(["--preset", "tiny", "--seeds", "1", "2", "--steps", "4", "--every", "2", "--poems", "5",
+                      "--corpus", FIXTURE_CORPUS, "--device", "cpu"])
+    assert sorted(runs) == [1, 2] and [q["step"] for q in runs[1]] == [0, 2, 4]
+    assert all(math.isfinite(v) for q in runs[1] for k, v in q.items()) and runs[1][-1] != runs[2][-1]
+    assert runs[1][-1]["other characters"] < runs[1][0]["other characters"]  # it trains
+    assert tool.rhymes({"first ending": 4.0, "later endings": 2.9})
+    assert not tool.rhymes({"first ending": 4.0, "later endings": 3.1})
+    anywhere = tool.WindowsAnywhere(splits, tokenizer)
+    x, _ = anywhere.get_batch(64, 16, torch.Generator().manual_seed(0))
+    titles = {tuple(anywhere.train[s:s + 16].tolist()) for s in anywhere.train_starts.tolist()}
+    assert sum(tuple(row.tolist()) in titles for row in x) < 16  # most start mid-poem
