@@ -21,7 +21,7 @@ import torch
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 
 import train_pretrain  # noqa: E402
-from minigpt.data import DEFAULT_CORPUS, PretrainData, build_tokenizer, load_poems, split_poems  # noqa: E402
+from minigpt.data import DEFAULT_CORPUS, CorpusError, PretrainData, build_tokenizer, load_poems, split_poems  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.train import TrainConfig, pick_device, train  # noqa: E402
 from minigpt.verse import is_regular  # noqa: E402
@@ -90,7 +90,10 @@ def main(argv=None):
         TrainConfig(**{**preset, **given})
     except ValueError as e:
         p.error(str(e))
-    splits = split_poems(load_poems(args.corpus))
+    try:
+        splits = split_poems(load_poems(args.corpus))
+    except CorpusError as e:
+        p.error(str(e))
     tokenizer = build_tokenizer(splits["train"])
     data = (WindowsAnywhere if args.windows == "anywhere" else PretrainData)(splits, tokenizer)
     poems = [q for q in splits["val"] if is_regular(q.body)][:args.poems]
