@@ -1,7 +1,7 @@
 """Stage 3: preference tuning by DPO. Start from the fine-tuned checkpoint, let it answer training prompts, pair an
 answer the checkers prefer (it rhymes) with one they do not, and train on the pairs.
 
-    python train_dpo.py                       # after python train_sft.py; about 9 minutes on 2 CPU cores
+    python train_dpo.py                       # after python train_sft.py; about 8 minutes on 2 CPU cores
     python train_dpo.py --preset class        # about 4 minutes, after python train_sft.py --preset class
     python train_dpo.py --prefer title        # another preference, the same algorithm: answers that name their title
     python train_dpo.py --init-from runs/dpo --out-dir runs/dpo2    # a second round: fresh pairs from the tuned model
