@@ -11,7 +11,9 @@ as in SFT). When the policy is the reference the bracket is 0 and the loss is lo
 
     python -m minigpt.dpo runs/dpo      # where a finished run's margins come from
 """
+import collections
 import contextlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -193,9 +195,25 @@ def _split(on_answer, answer, title, tokenizer, yard, prefer):
 def margin_shares(parts):
     """The share of pairs whose margin is above 0: in all, at the preference's places alone, elsewhere alone (ties
     count half, as in preference_metrics)."""
-    right = lambda values: sum((v > 0) + 0.5 * (v == 0) for v in values) / len(values)
+    right = lambda values: sum(map(_right, values)) / len(values)
     return {"all": right([e + r for e, r in parts]), "at": right([e for e, _ in parts]),
             "elsewhere": right([r for _, r in parts])}
+
+
+def _right(margin):
+    """1 where a margin is above 0, 0.5 at a tie, else 0: how preference_metrics counts a pair."""
+    return (margin > 0) + 0.5 * (margin == 0)
+
+
+def standard_error(right, groups):
+    """The standard error of the share mean(right), counted by group: pairs of one group (one prompt's answer, whose
+    endings give several pairs) are not independent, so the sum of a group's deviations is squared, not each pair's.
+    right: per pair, 1, 0 or 0.5 (a tie); groups: per pair, its prompt."""
+    share = sum(right) / len(right)
+    by_group = collections.defaultdict(float)
+    for r, g in zip(right, groups):
+        by_group[g] += r - share
+    return math.sqrt(sum(d * d for d in by_group.values())) / len(right)
 
 
 def main(argv=None):
@@ -212,6 +230,8 @@ def main(argv=None):
     p.add_argument("run", help="a train_dpo.py run folder (its ckpt.pt, pairs.json and val_pairs.json)")
     p.add_argument("--train-pairs", type=int, default=TRAIN_PAIRS_CHECKED,
                    help="training pairs to look at (the first ones)")
+    p.add_argument("--held-out-from", help="another run folder whose held-out pairs to read (one made from the same "
+                   "start, e.g. with more val prompts)")
     args = p.parse_args(argv)
     if args.train_pairs <= 0:
         p.error(f"--train-pairs must be positive, got {args.train_pairs}")
@@ -224,7 +244,7 @@ def main(argv=None):
                                   "--out-dir of python train_dpo.py")
         settings = settings_of(ckpt)
         reference, _, _ = load_checkpoint(settings["init_from"], made_by="python train_sft.py")
-        held, _ = load_pairs(os.path.join(args.run, "val_pairs.json"))
+        held, _ = load_pairs(os.path.join(args.held_out_from or args.run, "val_pairs.json"))
         train, _ = load_pairs(os.path.join(args.run, "pairs.json"))
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -236,9 +256,12 @@ def main(argv=None):
     out = {}
     for name, pairs in (("held-out val pairs", held), ("training pairs", train[:args.train_pairs])):
         # yard None: where every preference reads (line endings, the title's characters) needs the answer alone
-        s = out[name] = margin_shares(margin_parts(model, reference, pairs, tokenizer, None, prefer, fmt))
-        print(f"  {len(pairs):5d} {name:<20} in all {s['all']:6.1%}   at {prefer.where} alone {s['at']:6.1%}   "
-              f"elsewhere {s['elsewhere']:6.1%}")
+        parts = margin_parts(model, reference, pairs, tokenizer, None, prefer, fmt)
+        s = out[name] = margin_shares(parts)
+        s["error"] = standard_error([_right(e + r) for e, r in parts], [p.prompt for p in pairs])
+        print(f"  {len(pairs):5d} {name:<20} in all {s['all']:6.1%} (± {s['error']:.1%})   at {prefer.where} alone "
+              f"{s['at']:6.1%}   elsewhere {s['elsewhere']:6.1%}")
+    print("  (±: the standard error of the share in all, counted by prompt: one prompt's pairs share its answer)")
     return out
 
 

@@ -232,6 +232,14 @@ def test_a_margin_splits_into_the_line_endings_and_the_rest(model, chars):
         assert abs(endings) > 1e-3 and abs(rest) > 1e-3
 
 
+def test_the_accuracy_error_counts_a_prompts_pairs_together():
+    # four pairs, two prompts: 1, 1 | 0, 0 agree within each prompt, so the two prompts are two observations, not four
+    assert dpo.standard_error([1, 1, 0, 0], "aabb") == pytest.approx(math.sqrt(2) / 4)
+    assert dpo.standard_error([1, 1, 0, 0], "abcd") == pytest.approx(0.25)  # four prompts: sqrt(p(1-p)/n)
+    assert dpo.standard_error([1, 0, 1, 0], "aabb") == 0.0  # each prompt's pairs already average to the share
+    assert dpo.standard_error([1, 1, 1, 0.5], "abcd") == pytest.approx(math.sqrt(3 * 0.125 ** 2 + 0.375 ** 2) / 4)
+
+
 def test_a_sample_marks_what_its_preference_reads():
     rhyme, title, both = PREFERENCES["rhyme"], PREFERENCES["title"], PREFERENCES["rhyme+title"]
     assert mark(RHYMES, "登樓", YARD, rhyme) == "白日依山盡，黃河入海[流]。\n欲窮千里目，更上一層[樓]。   <- rhymes"

@@ -226,6 +226,11 @@ def test_dpo_runs_from_the_sft_checkpoint(finetuned, tmp_path, monkeypatch):
                      r"\d+ training pairs [\d.]+% / [\d.]+% / [\d.]+%\.", table)
     shares = dpo.main([str(tmp_path)])  # the same split for a finished run, from its folder
     assert shares["held-out val pairs"]["all"] == pytest.approx(result["pref_accuracy"])
+    assert 0 <= shares["held-out val pairs"]["error"] <= 0.5
+    other = tmp_path / "other"  # another run's held-out pairs, read by this run's model
+    other.mkdir()
+    (other / "val_pairs.json").write_text(json.dumps({"pairs": pairs["pairs"][:1], "counts": {}}), encoding="utf-8")
+    assert dpo.main([str(tmp_path), "--held-out-from", str(other)])["held-out val pairs"]["error"] == 0.0  # one pair
     with pytest.raises(SystemExit) as stop:  # an SFT run has no pairs to look at: one line, exit 2
         dpo.main([str(finetuned)])
     assert stop.value.code == 2

@@ -37,6 +37,8 @@ MUTANTS = [
      "if self.yard.rhyme_groups.get(ends[k]) == group and ends[k] not in ends[:k]:",
      "if True:", "test_dpo"),
     ("an ending pair counts the whole answer", "minigpt/dpo.py", "        if p.upto:", "        if False:", "test_dpo"),
+    ("the accuracy's error counts each pair on its own", "minigpt/dpo.py", "        by_group[g] += r - share",
+     "        by_group[len(by_group)] += r - share", "test_dpo"),
     ("every pair batch runs its chosen rows alone", "minigpt/dpo.py",
      "shared = bool(((x[:n] == x[n:]) | ~seen).all())", "shared = True", "test_dpo"),
     ("a margin's rest is the total less its places (rounding where the sides agree)", "minigpt/dpo.py",
