@@ -319,17 +319,18 @@ def task_data(poems, tokenizer, block_size, tasks, rhyme_groups, fmt=TITLE_TO_PO
     return SFTData(rendered, dict(counts))
 
 
-def eval_examples(poems, tasks, rhyme_groups, n, tokenizer, block_size, held_out=False, fmt=TITLE_TO_POEM):
+def eval_examples(poems, tasks, rhyme_groups, n, tokenizer, block_size, held_out=False, fmt=TITLE_TO_POEM, unseen_n=None):
     """{name: n examples spread over a held-out split} for each task, phrased with the trained phrasings (or the
     held-out ones), never-trained combinations included, and whose prompt and real answer fit the context.
-    'form:unseen' holds n examples of the never-trained combinations."""
+    'form:unseen' holds unseen_n (default n) examples of the never-trained combinations."""
     fits = [ex for ex in examples(poems, tasks, rhyme_groups, held_out=held_out, train=False, fmt=fmt)
             if len(tokenizer.encode(prompt_text(ex, fmt) + ex.answer, unknown="unk")) < block_size]
     out = {}
     for task in tasks:
         out[task.name] = spread([ex for ex in fits if ex.task == task.name and ex.want not in task.never_trained], n)
         if task.never_trained:
-            out[task.name + ":unseen"] = spread([ex for ex in fits if ex.task == task.name and ex.want in task.never_trained], n)
+            out[task.name + ":unseen"] = spread([ex for ex in fits if ex.task == task.name and ex.want in task.never_trained],
+                                                unseen_n or n)
     return out
 
 

@@ -94,6 +94,7 @@ def test_sft_on_several_tasks_measures_each_one(pretrained, tmp_path):
     assert [s["task"] for s in samples] == ["poem", "form", "continuation"] and all(s["prompt"].startswith("<INS>") for s in samples)
     table = (tmp_path / "tasks.txt").read_text(encoding="utf-8")
     assert "held-out phrasings" in table and "form: complies" in table and "continuation: runs on" in table
+    assert "(6 test examples per task at most, 18 for a never-trained combination (:unseen)." in " ".join(table.split())
     assert (tmp_path / "tasks.png").stat().st_size > 1000
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["tasks"] == "poem,form,continuation"
 

@@ -253,6 +253,8 @@ def test_eval_examples_hold_the_unseen_combination_apart(tokenizer):
     held = eval_examples(poems, [BY_NAME["form"]], GROUPS, 5, tokenizer, 128, held_out=True)
     assert all(e.instruction.replace(e.want, "{form}") in BY_NAME["form"].held_out for e in held["form"])
     assert eval_examples(poems, [BY_NAME["form"]], GROUPS, 5, tokenizer, 40)["form"] == []  # nothing fits 40 tokens
+    two = eval_examples(poems * 3, [BY_NAME["form"]], GROUPS, 1, tokenizer, 128, unseen_n=2)  # more of the unseen ones
+    assert len(two["form"]) == 1 and [e.want for e in two["form:unseen"]] == ["七言絕句"] * 2
 
 
 def test_heads_written_in_by_the_program_start_the_clauses(tokenizer):
