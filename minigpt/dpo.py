@@ -244,7 +244,11 @@ def main(argv=None):
                                   "--out-dir of python train_dpo.py")
         settings = settings_of(ckpt)
         reference, _, _ = load_checkpoint(settings["init_from"], made_by="python train_sft.py")
-        held, _ = load_pairs(os.path.join(args.held_out_from or args.run, "val_pairs.json"))
+        held_path = os.path.join(args.held_out_from or args.run, "val_pairs.json")
+        if not os.path.exists(held_path):
+            raise CheckpointError(f"no held-out pairs at {held_path}; --held-out-from takes the --out-dir of a "
+                                  "python train_dpo.py run")
+        held, _ = load_pairs(held_path)
         train, _ = load_pairs(os.path.join(args.run, "pairs.json"))
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

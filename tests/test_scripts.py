@@ -232,6 +232,9 @@ def test_dpo_runs_from_the_sft_checkpoint(finetuned, tmp_path, monkeypatch):
     other.mkdir()
     (other / "val_pairs.json").write_text(json.dumps({"pairs": pairs["pairs"][:1], "counts": {}}), encoding="utf-8")
     assert dpo.main([str(tmp_path), "--held-out-from", str(other)])["held-out val pairs"]["error"] == 0.0  # one pair
+    with pytest.raises(SystemExit) as stop:  # a folder without held-out pairs: one line, exit 2
+        dpo.main([str(tmp_path), "--held-out-from", str(other / "missing")])
+    assert stop.value.code == 2
     with pytest.raises(SystemExit) as stop:  # an SFT run has no pairs to look at: one line, exit 2
         dpo.main([str(finetuned)])
     assert stop.value.code == 2
