@@ -149,7 +149,7 @@ def preference_metrics(model, batches, beta):
                                                 batch.ref_rejected.to(model.device), beta)
             margin = chosen - rejected
             losses.append(-F.logsigmoid(margin))
-            right += float((margin > 0).sum() + 0.5 * (margin == 0).sum())
+            right += float(_right(margin).sum())
             margins.append(margin)
     margin = torch.cat(margins)
     return {"pref_loss": torch.cat(losses).mean().item(), "pref_accuracy": right / margin.numel(),
