@@ -223,8 +223,8 @@ def final_tables(out_dir, base, model, tokenizer, splits, yard, settings, tasks,
         # 11 and 15 points apart, on all 593 of 七言絕句 3 and 0 (docs/log.md)
         kw = dict(fmt=fmt, unseen_n=UNSEEN_TIMES * n)
         seen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n, tokenizer, T, **kw)
-        unseen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n, tokenizer, T, held_out=True, **kw)
-        by_task = task_columns(base, tokenizer, seen, unseen, [("fine-tuned", model)], max_new, fmt)
+        held = eval_examples(splits["test"], tasks, yard.rhyme_groups, n, tokenizer, T, held_out=True, **kw)
+        by_task = task_columns(base, tokenizer, seen, held, [("fine-tuned", model)], max_new, fmt)
         cli.write_table(out_dir, "tasks.txt", format_task_table(by_task, f"({n} test examples per task at most, "
                         f"{UNSEEN_TIMES * n} for a never-trained combination (:unseen). {TABLE_NOTE})"))
         plot_tasks(log, os.path.join(out_dir, "tasks.png"))
