@@ -71,13 +71,21 @@ def load_checkpoint(path, device="cpu", made_by="python train_pretrain.py"):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its vocabulary is refused ({str(e).splitlines()[0][:160]})") from None
     try:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model = model_class(ckpt)(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: weights do not fit the stored config or vocabulary ({str(e).splitlines()[0][:160]})") from None
     if tokenizer.vocab_size != model.config.vocab_size:
         raise CheckpointError(f"{path}: vocabulary of {tokenizer.vocab_size} does not match the model's {model.config.vocab_size}")
     return model.to(device), tokenizer, ckpt
+
+
+def model_class(ckpt):
+    """GPT, or for a reward model's checkpoint the GPT with its scalar head (minigpt.reward.RewardModel)."""
+    if ckpt.get("stage") == "reward":
+        from minigpt.reward import RewardModel
+        return RewardModel
+    return GPT
 
 
 def grow_vocab(model, vocab_size):

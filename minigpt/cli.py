@@ -9,12 +9,13 @@ from tqdm.auto import tqdm
 
 from minigpt.checkpoint import CheckpointError, load_checkpoint
 from minigpt.data import CorpusError, build_tokenizer
-from minigpt.metrics import PAIR_METRICS, console_line
+from minigpt.reward import RankingError
+from minigpt.metrics import PAIR_METRICS, REWARD_METRICS, RL_METRICS, console_line
 from minigpt.model import GPTConfig
 from minigpt.tokenizer import UnknownCharacterError
 from minigpt.train import TrainConfig, TrainingStopped, pick_device
 
-USER_ERRORS = (CorpusError, CheckpointError, UnknownCharacterError)
+USER_ERRORS = (CorpusError, CheckpointError, UnknownCharacterError, RankingError)
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "use_sdpa")
 
 
@@ -118,6 +119,10 @@ def print_event(record):
             line += " | val titles: " + console_line(record)
         if console_line(record, PAIR_METRICS):
             line += "\n  held-out pairs: " + console_line(record, PAIR_METRICS)
+        if console_line(record, REWARD_METRICS):
+            line += "\n  held-out rankings: " + console_line(record, REWARD_METRICS)
+        if console_line(record, RL_METRICS):
+            line += "\n  RL: " + console_line(record, RL_METRICS)
         if "tasks" in record:
             line += "\n  tasks on val (complies, stops): " + ", ".join(
                 f"{name} {m['comply']:.0%} {m['stop']:.0%}" for name, m in record["tasks"].items())

@@ -110,11 +110,12 @@ def measure(model, tokenizer, titles, yardstick, fmt=TITLE_TO_POEM, val=None, ma
 
 # ---- the table ----
 
-def format_table(columns, note=""):
-    """columns: list of (name, measure() result) -> a plain-text table, then example answers. '—': does not apply."""
+def format_table(columns, note="", metrics=METRICS):
+    """columns: list of (name, measure() result) -> a plain-text table of the metrics, then example answers. '—': does
+    not apply."""
     width = max(len(name) for name, _ in columns) + 2
     lines = [" " * 32 + "".join(name.rjust(width) for name, _ in columns)]
-    for metric in METRICS:
+    for metric in metrics:
         cells = [m.get(metric.key) for _, m in columns]
         if all(c is None for c in cells):
             continue

@@ -206,7 +206,21 @@ PAIR_METRICS = [
            plot=("C7", "-", "preference accuracy (held-out pairs)")),
     Metric("reward_margin", "reward margin", "margin", console="reward margin"),
 ]
-BY_KEY = {m.key: m for m in METRICS + PAIR_METRICS}
+# the reward model's figures on held-out ranked pairs (minigpt.reward.ranking_metrics)
+REWARD_METRICS = [
+    Metric("reward_loss", "Bradley-Terry loss", "loss", console="ranking loss"),
+    Metric("reward_accuracy", "pair accuracy (held-out rankings)", "rate", console="pair accuracy"),
+]
+# what the RL stage reads beside the program's checks (minigpt.rl)
+RL_METRICS = [
+    Metric("mean_reward", "mean reward (reward model)", "margin", console="reward"),
+    Metric("program_score", "program's score (mean of checks)", "rate", console="program's score"),
+    Metric("train_reward", "mean reward (training groups)", "margin", console="training reward"),
+    Metric("kl_to_ref", "KL from the SFT model (nats/answer)", "loss", console="KL"),
+    Metric("entropy", "entropy (nats/token)", "loss", console="entropy"),
+    Metric("minutes", "minutes of training", "chars"),
+]
+BY_KEY = {m.key: m for m in METRICS + PAIR_METRICS + REWARD_METRICS + RL_METRICS}
 
 
 def console_line(record, metrics=METRICS):

@@ -136,6 +136,16 @@ class GPT(nn.Module):
         wanted. For generation (minigpt.generate): an attention mask, per-layer KV caches and the positions (T,) or
         (B, T), 0 .. T-1 if none are given."""
         B, T = idx.shape
+        logits = self.lm_head(self.features(idx, mask, caches, pos))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def features(self, idx, mask=None, caches=None, pos=None):
+        """(B, T, C): what the blocks make of idx, after the final LayerNorm; the LM head reads it (a reward model
+        reads it with a head of its own, minigpt.reward)."""
+        T = idx.size(1)
         if pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
@@ -143,11 +153,7 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, caches[i] if caches else None)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return self.ln_f(x)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):

@@ -123,6 +123,49 @@ def plot_preferences(log_path, png_path, prefer_keys=("rhyme_rate",),
     return _finish(fig, ax2, "mean reward margin, chosen - rejected", "implicit reward margin", png_path)
 
 
+def plot_reward_tracks(tracks, png_path, title="the reward model's score against the program's ranking (test answers)"):
+    """Left: each test answer's reward-model score against the program's combined score (jittered); right: per
+    dimension, the mean score of the answers that pass it and of those that fail it."""
+    import random
+    rng = random.Random(0)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax.scatter([c + rng.uniform(-0.03, 0.03) for c in tracks["combined"]], tracks["scores"], s=6, alpha=0.4)
+    ax.set_xlabel("program's combined score (mean of the dimensions)")
+    ax.set_ylabel("reward model's score")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    names = list(tracks["by_dimension"])
+    xs = range(len(names))
+    ax2.bar([x - 0.2 for x in xs], [tracks["by_dimension"][n][0] for n in names], 0.4, label="passes")
+    ax2.bar([x + 0.2 for x in xs], [tracks["by_dimension"][n][1] for n in names], 0.4, label="fails")
+    ax2.set_xticks(list(xs), names)
+    ax2.legend(fontsize=8)
+    return _finish(fig, ax2, "mean reward-model score", "per dimension", png_path, xlabel="dimension")
+
+
+def plot_rl(log_path, png_path, title="RL against a reward, on a KL leash (val titles)"):
+    """Left: the mean reward on training collections and on val titles, and the program's rates on val titles; right:
+    the KL from the fine-tuned model per answer, nats."""
+    evals = [r for r in read_log(log_path) if r["kind"] == "eval" and "mean_reward" in r]
+    steps = [r["step"] for r in evals]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("rhyme_rate", "regular_rate", "stop_rate"):
+        colour, _, legend = BY_KEY[key].plot
+        ax.plot(steps, _percent(evals, key), "o-", color=colour, label=legend)
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("% of val titles")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(title, fontsize=10)
+    axr = ax.twinx()
+    axr.plot(steps, [r["mean_reward"] for r in evals], "s--", color="C3", label="mean reward (val)")
+    axr.set_ylabel("mean reward")
+    axr.legend(fontsize=8, loc="lower right")
+    ax2.plot(steps, [r["kl_to_ref"] for r in evals], "o-", color="C4", label="KL to the fine-tuned model")
+    return _finish(fig, ax2, "KL(policy || SFT) per answer, nats", "the leash", png_path, xlabel="RL step")
+
+
 # ---- pictures of one answer (python -m minigpt.explain): their labels are Chinese characters ----
 
 CJK_FONTS = ["Noto Sans CJK TC", "Noto Sans CJK SC", "Noto Serif CJK TC", "Source Han Sans TC", "WenQuanYi Zen Hei",

@@ -51,7 +51,7 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
     """Train model in place; returns the last eval record.
 
     get_batch(generator) -> the whole batch, a tuple of tensors with one row per example (lm_loss: (x, y));
-    val_batches: a fixed list of (x, y); checkpoint_extra: dict stored in every checkpoint (configs, tokenizer, stage);
+    val_batches: a fixed list of (x, y), or model -> val loss for a stage whose loss is not the LM's; checkpoint_extra: dict stored in every checkpoint (configs, tokenizer, stage);
     sample(model, step) -> dict of samples to log; metrics(model, step) -> dict added to each eval record;
     on_event(record) sees every log record; resume_from: a checkpoint dict of this run to continue;
     loss_fn(model, batch) -> (mean loss, count of what it averages). Ctrl-C, SIGTERM or a loss that is not finite
@@ -257,7 +257,8 @@ class Evals:
         return self.cfg.early_evals and step in early_eval_steps(self.cfg.eval_every)
 
     def measure(self, model, step, device):
-        out = {"val_loss": evaluate_loss(model, self.val_batches, device)}
+        val_loss = self.val_batches(model) if callable(self.val_batches) else evaluate_loss(model, self.val_batches, device)
+        out = {"val_loss": val_loss}
         return {**out, **(self.metrics(model, step) if self.metrics is not None else {})}
 
     def samples(self, model, step, last):
