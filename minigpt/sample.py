@@ -60,8 +60,8 @@ def check_title(title, tokenizer, block_size, fmt=TITLE_TO_POEM, min_answer=16, 
 
 
 def fine_tuned(ckpt):
-    """True for a checkpoint that answers instructions: fine-tuned (SFT) or preference-tuned (DPO)."""
-    return ckpt.get("stage") in ("sft", "dpo")
+    """True for a checkpoint that answers instructions: fine-tuned (SFT), preference-tuned (DPO) or tuned by RL."""
+    return ckpt.get("stage") in ("sft", "dpo", "rl")
 
 
 def shown_conversion(typed, title):

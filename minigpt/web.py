@@ -29,7 +29,9 @@ RUNS = {
     "sft": ("sft", "python train_sft.py"),
     "dpo": ("dpo", "python train_dpo.py"),
     "chat": ("sft_chat", "python train_sft.py --tasks all --format chat"),
+    "rl": ("rl", "python train_rl.py"),
 }
+RANK_TITLES = 400  # training titles the ranking view draws from
 
 
 class WebError(ValueError):
@@ -173,7 +175,19 @@ def render(data, title="minigpt"):
             + tail)
 
 
-def build(runs_dir="runs", out=None, bits=8, names=None, log=print):
+def rank_titles(corpus, itos, n=RANK_TITLES):
+    """Training titles for the ranking view: short, meaningful, every character in the vocabulary, drawn with a fixed
+    seed; train_reward.py --rankings reads a file of picks only on the corpus's titles."""
+    import random
+    from minigpt.verse import MEANINGLESS_TITLES, clean_title
+    vocab = set(itos)
+    titles = sorted({t for t in (clean_title(p.title) for p in split_poems(load_poems(corpus))["train"])
+                     if 2 <= len(t) <= 8 and t not in MEANINGLESS_TITLES and set(t) <= vocab})
+    random.Random(0).shuffle(titles)
+    return titles[:n]
+
+
+def build(runs_dir="runs", out=None, bits=8, names=None, log=print, corpus=DEFAULT_CORPUS):
     """Write the page from the runs under runs_dir; returns its path."""
     out = out or os.path.join(runs_dir, "web", "index.html")
     found = load_runs(runs_dir, names)
@@ -181,7 +195,8 @@ def build(runs_dir="runs", out=None, bits=8, names=None, log=print):
     to_t, to_s = conversion_tables(found["sft"][1].itos)
     sft_log = os.path.join(runs_dir, RUNS["sft"][0], "log.jsonl")
     data = dict(models=models, to_traditional=to_t, to_simplified=to_s, controls=SPECIAL_TOKENS + ROLE_TOKENS,
-                learning=learning_to_stop(sft_log) if os.path.exists(sft_log) else [])
+                learning=learning_to_stop(sft_log) if os.path.exists(sft_log) else [],
+                rank_titles=rank_titles(corpus, found["sft"][1].itos) if os.path.exists(corpus) else [])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     html = render(data)
     with open(out, "w", encoding="utf-8") as f:
@@ -296,9 +311,9 @@ def main(argv=None):
     p.add_argument("--runs", default="runs", help="the folder that holds pretrain/, sft/ (and dpo/, sft_chat/)")
     p.add_argument("--out", help="where to write the page (default: RUNS/web/index.html)")
     p.add_argument("--bits", type=int, choices=(8, 16), default=8, help="weights in 8 bits (one scale a row) or 16")
-    p.add_argument("--models", help="which of base,sft,dpo,chat to include (default: every one whose run exists)")
+    p.add_argument("--models", help="which of base,sft,dpo,chat,rl to include (default: every one whose run exists)")
     p.add_argument("--check", action="store_true", help="compare gpt.js with PyTorch (Node.js) and 8 bits with full")
-    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus of the runs (for --check's val titles)")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus of the runs (for --check's val titles and the ranking view's titles)")
     p.add_argument("--titles", type=int, default=400, help="--check: val titles for the stop and shape rates")
     args = p.parse_args(argv)
     names = None
@@ -306,12 +321,12 @@ def main(argv=None):
         names = [n.strip() for n in args.models.split(",")]
         unknown = [n for n in names if n not in RUNS]
         if unknown or not {"base", "sft"} <= set(names):
-            p.error(f"--models takes base,sft and any of dpo,chat; got {args.models}")
+            p.error(f"--models takes base,sft and any of dpo,chat,rl; got {args.models}")
     from minigpt.checkpoint import CheckpointError
     try:
         if args.check:
             return check(args.runs, args.corpus, n_titles=args.titles, bits=args.bits)
-        return build(args.runs, args.out, args.bits, names)
+        return build(args.runs, args.out, args.bits, names, corpus=args.corpus)
     except (WebError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -10,8 +10,8 @@ nbclient = pytest.importorskip("nbclient", reason="pip install -r requirements-d
 NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks", "*.ipynb")))
 
 
-def test_there_are_seven_notebooks():
-    assert len(NOTEBOOKS) == 7
+def test_there_are_eight_notebooks():
+    assert len(NOTEBOOKS) == 8
 
 
 @pytest.mark.slow

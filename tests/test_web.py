@@ -11,6 +11,9 @@ from minigpt import web
 from minigpt.checkpoint import save_checkpoint
 from minigpt.data import PLAIN, TITLE_TO_POEM
 from minigpt.model import GPT, GPTConfig
+from minigpt.reward import load_rankings, ranking_pairs
+
+from conftest import FIXTURE_CORPUS
 
 REQUIRED = os.environ.get("MINIGPT_REQUIRE_BROWSER") == "1"
 
@@ -121,7 +124,7 @@ def page(tmp_path_factory, tokenizer):
     with open(runs / "sft" / "log.jsonl", "w") as f:
         f.write('{"kind": "eval", "step": 0, "stop_rate": 0.0, "examples": [{"title": "<b>x</b>", "answer": "a", '
                 '"stopped": false}]}\n')
-    return web.build(str(runs), log=lambda *a: None)
+    return web.build(str(runs), log=lambda *a: None, corpus=FIXTURE_CORPUS)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +188,32 @@ def test_the_page_refuses_markup_and_control_tokens(browser, page):
     assert "<END>" in pg.text_content("#message")
     pg.click("#lang")
     assert "step 0" in pg.text_content("#learn-head") and pg.locator("#learn-examples b").count() == 0
+    assert requests == [] and errors == []
+
+
+@pytest.mark.slow
+def test_a_persons_picks_are_kept_and_download_as_rankings_train_reward_reads(browser, page, tmp_path, splits):
+    pg, requests, errors = open_page(browser, page, 1200)
+    pg.click("#rank-new")
+    title = pg.text_content("#rank-title")
+    assert title.startswith("【") and pg.text_content("#rank-a") and pg.text_content("#rank-b")
+    first = (pg.text_content("#rank-a"), pg.text_content("#rank-b"))
+    pg.click("#pick-a")
+    assert pg.text_content("#rank-title") != title or (pg.text_content("#rank-a"), pg.text_content("#rank-b")) != first
+    pg.click("#pick-tie")
+    pg.reload()  # the picks are kept in the browser
+    assert "2" in pg.text_content("#rank-count")
+    with pg.expect_download() as got:
+        pg.click("#rank-download")
+    path = tmp_path / "picks.jsonl"
+    got.value.save_as(path)
+    from minigpt.verse import clean_title
+    ranked = load_rankings(str(path), {clean_title(p.title) for p in splits["train"]})
+    assert [r.rank for r in ranked] == [[1, 2], [1, 1]] and all(r.by == "person" and len(r.answers) == 2 for r in ranked)
+    assert ranked[0].title in title and ranked[0].answers[0] == first[0].removesuffix(" …")
+    assert len(ranking_pairs(ranked)) == (ranked[0].answers[0] != ranked[0].answers[1])  # a tie gives no pair
+    pg.click("#rank-clear")
+    assert "0" in pg.text_content("#rank-count")
     assert requests == [] and errors == []
 
 
