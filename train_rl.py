@@ -2,7 +2,7 @@
 The policy starts as the SFT model, writes groups of answers to training titles, and PPO's clipped objective raises
 the answers that scored above their group; the reward is the reward model of train_reward.py or the program's score.
 
-    python train_rl.py                          # after python train_reward.py: about 10 minutes on 2 CPU cores
+    python train_rl.py                          # after python train_reward.py: about 9.5 minutes on 2 CPU cores
     python train_rl.py --reward program         # the program's combined score as the reward, no reward model
     python train_rl.py --kl-coef 0 --max-minutes 20 --out-dir runs/rl_nokl   # no leash: what the policy finds
 
@@ -192,7 +192,9 @@ def final_table(out_dir, model, ref, tokenizer, splits, yard, fmt, settings, rew
         kl, entropy, written = drift(m, ref, tokenizer, test_set.titles, fmt, settings.max_new_tokens, seed=1)
         answers, stopped = [a.text for a in written], [a.stopped for a in written]
         columns.append((name, {**measure(m, tokenizer, test_set.titles, yard, fmt, val, settings.max_new_tokens),
-                               "mean_reward": reward(test_set.titles, answers, stopped).mean().item(),
+                               # the program's reward is the program's score, the row below
+                               "mean_reward": reward(test_set.titles, answers, stopped).mean().item()
+                               if settings.reward == "model" else None,
                                "program_score": check(test_set.titles, answers, stopped).mean().item(),
                                "kl_to_ref": kl, "entropy": entropy}))
     columns[-1][1]["minutes"] = result["elapsed_s"] / 60
@@ -201,8 +203,9 @@ def final_table(out_dir, model, ref, tokenizer, splits, yard, fmt, settings, rew
                          "the evaluation's sampling.", METRICS + RL_METRICS)
     cli.write_table(out_dir, "table.txt", table)
     before, after = columns[1][1], columns[2][1]
+    keys = ("mean_reward",) * (settings.reward == "model") + ("program_score", "rhyme_rate", "regular_rate", "stop_rate")
     moved = ", ".join(f"{BY_KEY[k].console or BY_KEY[k].label} {BY_KEY[k].brief(before[k])} -> {BY_KEY[k].brief(after[k])}"
-                      for k in ("mean_reward", "program_score", "rhyme_rate", "regular_rate", "stop_rate"))
+                      for k in keys)
     print(f"done: step {result['step']}, {result['elapsed_s']:.0f} s; on test titles, SFT -> RL: {moved}, KL "
           f"{after['kl_to_ref']:.2f} nats per answer; see {out_dir}/table.txt, rl.png")
     return columns

@@ -166,6 +166,25 @@ def plot_rl(log_path, png_path, title="RL against a reward, on a KL leash (val t
     return _finish(fig, ax2, "KL(policy || SFT) per answer, nats", "the leash", png_path, xlabel="RL step")
 
 
+def plot_rl_runs(runs, png_path, title="what the reward pays for, and what the checks see (val titles)"):
+    """RL runs side by side against steps: left, the reward model's mean score; right, the checked rhyme and title
+    rates of the same runs (solid: rhymes, dashed: mentions its title). runs: [(name, log.jsonl path)]."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, log) in enumerate(runs):
+        evals = [r for r in read_log(log) if r["kind"] == "eval" and "mean_reward" in r]
+        steps = [r["step"] for r in evals]
+        ax.plot(steps, [r["mean_reward"] for r in evals], "o-", color=f"C{i}", label=name)
+        ax2.plot(steps, _percent(evals, "rhyme_rate"), "o-", color=f"C{i}", label=f"{name}: rhymes")
+        ax2.plot(steps, _percent(evals, "relevance"), "s--", color=f"C{i}", label=f"{name}: mentions title")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("mean reward-model score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax2.set_ylim(-3, 103)
+    return _finish(fig, ax2, "% of val titles", "the program's checks", png_path, xlabel="RL step")
+
+
 # ---- pictures of one answer (python -m minigpt.explain): their labels are Chinese characters ----
 
 CJK_FONTS = ["Noto Sans CJK TC", "Noto Sans CJK SC", "Noto Serif CJK TC", "Source Han Sans TC", "WenQuanYi Zen Hei",

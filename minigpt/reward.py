@@ -120,37 +120,36 @@ def load_rankings(path, known_titles=None):
     except OSError as e:
         raise RankingError(f"cannot read rankings {path}: {e.strerror}; pass a file written by the web page's ranking "
                            "view or by python train_reward.py") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise RankingError(f"{where} is not JSON; each line is one ranking: {{\"title\": ..., \"answers\": [...], "
-                               "\"rank\": [...]}") from None
-        missing = [k for k in REQUIRED_FIELDS if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise RankingError(f"{where} has no '{missing[0]}'; each ranking needs " + ", ".join(REQUIRED_FIELDS))
-        title, answers, rank = row["title"], row["answers"], row["rank"]
-        if known_titles is not None and title not in known_titles:
-            raise RankingError(f"{where}: unknown title {title!r}, not a title of the corpus; rank answers to the "
-                               "corpus's titles (the web page offers them)")
-        if not isinstance(answers, list) or len(answers) < 2:
-            raise RankingError(f"{where}: an empty group ({len(answers) if isinstance(answers, list) else 0} answers); "
-                               "a ranking needs two or more answers to one title")
-        if not isinstance(rank, list) or len(rank) != len(answers) or not all(
-                isinstance(r, int) and r >= 1 for r in rank):
-            raise RankingError(f"{where}: 'rank' must hold one whole number of 1 or more per answer "
-                               f"({len(answers)} answers); 1 is the best, equal numbers are ties")
-        stopped = row.get("stopped")
-        if stopped is not None and (not isinstance(stopped, list) or len(stopped) != len(answers)):
-            raise RankingError(f"{where}: 'stopped' must hold one true or false per answer, or be left out")
-        out.append(Ranking(title, [str(a) for a in answers], rank, stopped, row.get("scores"), row.get("by", "person")))
+    out = [_ranking(line, f"{path} line {n}", known_titles) for n, line in enumerate(lines, 1) if line.strip()]
     if not out:
         raise RankingError(f"{path} holds no ranking; rank some answers in the web page first")
     return out
+
+
+def _ranking(line, where, known_titles):
+    """One line of a rankings file as a Ranking, or a RankingError saying where and why."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        raise RankingError(f"{where} is not JSON; each line is one ranking: {{\"title\": ..., \"answers\": [...], "
+                           "\"rank\": [...]}") from None
+    missing = [k for k in REQUIRED_FIELDS if not isinstance(row, dict) or k not in row]
+    if missing:
+        raise RankingError(f"{where} has no '{missing[0]}'; each ranking needs " + ", ".join(REQUIRED_FIELDS))
+    title, answers, rank = row["title"], row["answers"], row["rank"]
+    if known_titles is not None and title not in known_titles:
+        raise RankingError(f"{where}: unknown title {title!r}, not a title of the corpus; rank answers to the "
+                           "corpus's titles (the web page offers them)")
+    if not isinstance(answers, list) or len(answers) < 2:
+        raise RankingError(f"{where}: an empty group ({len(answers) if isinstance(answers, list) else 0} answers); "
+                           "a ranking needs two or more answers to one title")
+    if not isinstance(rank, list) or len(rank) != len(answers) or not all(isinstance(r, int) and r >= 1 for r in rank):
+        raise RankingError(f"{where}: 'rank' must hold one whole number of 1 or more per answer "
+                           f"({len(answers)} answers); 1 is the best, equal numbers are ties")
+    stopped = row.get("stopped")
+    if stopped is not None and (not isinstance(stopped, list) or len(stopped) != len(answers)):
+        raise RankingError(f"{where}: 'stopped' must hold one true or false per answer, or be left out")
+    return Ranking(title, [str(a) for a in answers], rank, stopped, row.get("scores"), row.get("by", "person"))
 
 
 # ---- pairs from rankings ----

@@ -270,6 +270,12 @@ def main(argv=None):
             f"entropy on answers sampled at temperature 1, the other rows on the evaluation's sampling; minutes: the "
             f"stage's own training time. Rhyme gain over SFT, points: {gains}.")
     table = format_table(columns, note, METRICS + RL_METRICS)
+    rl_runs = [(name, os.path.join(path, "log.jsonl")) for (path, _, _, ckpt), (name, _, _) in zip(loaded, models)
+               if ckpt.get("stage") == "rl" and (ckpt.get("settings") or {}).get("reward") == "model"
+               and os.path.exists(os.path.join(path, "log.jsonl"))]
+    if rl_runs:  # the reward model's score against the checks, every RL run on it in one picture
+        from minigpt.plot import plot_rl_runs
+        plot_rl_runs(rl_runs, os.path.splitext(args.out)[0] + ".png")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(table + "\n")
