@@ -2,7 +2,7 @@
 ranks them on named dimensions (stops, one regular poem, rhyme, mentions the title, no clause repeated, nothing
 copied), and the fine-tuned GPT with a scalar head learns to score the better answer of every ranked pair higher.
 
-    python train_reward.py                               # after python train_sft.py: about 6 minutes on 2 CPU cores
+    python train_reward.py                               # after python train_sft.py: about 8 minutes on 2 CPU cores
     python train_reward.py --rankings picks.jsonl        # a person's picks (the web page's ranking view) mixed in
     python train_reward.py --rankings picks.jsonl --titles 0 --overwrite   # a person's picks alone
 
