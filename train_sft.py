@@ -20,9 +20,10 @@ from minigpt.evaluate import compare, eval_set, format_table, loss_batches, meas
 from minigpt.generate import write
 from minigpt.metrics import Yardstick
 from minigpt.model import GPT, GPTConfig
-from minigpt.plot import plot_behaviour, plot_losses, plot_tasks
-from minigpt.tasks import (BY_NAME, CHAT, CHAT_POEM, SINGLE_POEM_DATA, TABLE_NOTE, eval_examples, format_task_table,
-                           measure_tasks, parse_tasks, prompt_text, single_poem_task, task_columns, task_data)
+from minigpt.plot import plot_behaviour, plot_losses, plot_refusal, plot_tasks
+from minigpt.tasks import (BY_NAME, CHAT, CHAT_POEM, REFUSAL_VIEW, SINGLE_POEM_DATA, TABLE_NOTE, eval_examples,
+                           every_eval_examples, format_task_table, format_turns, measure_tasks, parse_tasks,
+                           persona_over_turns, prompt_text, refusal_line, single_poem_task, task_columns, task_data)
 from minigpt.train import TrainConfig, train
 
 DEMO_TITLES = ["春夜喜雨", "靜夜思"]  # plus the first two val titles
@@ -182,7 +183,7 @@ def main(argv=None):
     val_poems = val_sample(splits["val"], tokenizer, T, n=cfg.eval_batches * cfg.batch_size, fmt=poem_fmt)
     val = loss_batches(tokenizer, val_poems, poem_fmt, batch_size=cfg.batch_size)  # the loop's val loss: the poem's tokens
     val_set = eval_set(splits["val"], splits["train"], settings.eval_titles)
-    task_val = eval_examples(splits["val"], tasks, yard.rhyme_groups, settings.task_examples, tokenizer, T, fmt=fmt) \
+    task_val = every_eval_examples(splits["val"], tasks, yard.rhyme_groups, settings.task_examples, tokenizer, T, fmt=fmt) \
         if settings.several else None
     print(f"SFT data ({settings.tasks if settings.several else settings.data}): "
           + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
@@ -225,9 +226,18 @@ def final_tables(out_dir, base, model, tokenizer, splits, yard, settings, tasks,
         seen = eval_examples(splits["test"], tasks, yard.rhyme_groups, n, tokenizer, T, **kw)
         held = eval_examples(splits["test"], tasks, yard.rhyme_groups, n, tokenizer, T, held_out=True, **kw)
         by_task = task_columns(base, tokenizer, seen, held, [("fine-tuned", model)], max_new, fmt)
-        cli.write_table(out_dir, "tasks.txt", format_task_table(by_task, f"({n} test examples per task at most, "
-                        f"{UNSEEN_TIMES * n} for a never-trained combination (:unseen). {TABLE_NOTE})"))
+        tuned, tuned_held = dict(by_task)["fine-tuned"], dict(by_task)["fine-tuned, held-out phrasings"]
+        refusals = refusal_line({**tuned, **{f"{k}:held": v for k, v in tuned_held.items()}})
+        convs = [ex for exs in seen.values() for ex in exs if len(ex.history) == 2]  # conversations of three turns
+        turns = format_turns([("fine-tuned", persona_over_turns(model, tokenizer, convs, max_new)),
+                              ("fine-tuned, no system message", persona_over_turns(model, tokenizer, convs, max_new,
+                                                                                   system=False))]) if convs else []
+        cli.write_table(out_dir, "tasks.txt", "\n".join([format_task_table(by_task, f"({n} test examples per task at "
+                        f"most, {UNSEEN_TIMES * n} for a never-trained combination (:unseen). {TABLE_NOTE})")]
+                        + ([refusals] if refusals else []) + turns))
         plot_tasks(log, os.path.join(out_dir, "tasks.png"))
+        if refusals:
+            plot_refusal(log, os.path.join(out_dir, "refusal.png"), REFUSAL_VIEW)
     final = dict(columns)["fine-tuned"]
     print(f"done: step {result['step']}, answer val loss {result['val_loss']:.3f}, {result['elapsed_s']:.0f} s; on test "
           f"titles: stop {final['stop_rate']:.0%}, run-on {final['run_on_rate']:.0%}, regular {final['regular_rate']:.0%}; "

@@ -103,6 +103,18 @@ def plot_tasks(log_path, png_path, title="each task's compliance over SFT steps 
     return _finish(fig, ax, "% of val examples that comply", title, png_path)
 
 
+def plot_refusal(log_path, png_path, view, title="saying no over SFT steps (val examples)"):
+    """The share of answers that refuse, at each eval, for each (name, label) of view: the held-out harmful
+    wordings it should refuse beside the alarming and the ordinary titles it should not."""
+    evals = [r for r in read_log(log_path) if r["kind"] == "eval" and "tasks" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, label) in enumerate(view):
+        rows = [(r["step"], r["tasks"][name]["refuse"]) for r in evals if "refuse" in r["tasks"].get(name, {})]
+        ax.plot([s for s, _ in rows], [100 * v for _, v in rows], "o-", color=f"C{i}", label=label)
+    ax.set_ylim(-3, 103)
+    return _finish(fig, ax, "% of val answers that refuse", title, png_path)
+
+
 def plot_preferences(log_path, png_path, prefer_keys=("rhyme_rate",),
                      title="preference tuning (DPO), held-out pairs and val titles"):
     """Left: preference accuracy on held-out pairs, the preferred metrics (prefer_keys) and the shape and stop rates

@@ -3,6 +3,8 @@
     python -m minigpt.sample --title 春夜喜雨 靜夜思          # with the fine-tuned model in runs/sft
     python -m minigpt.sample --checkpoint runs/pretrain --title 春夜喜雨   # the base model just continues
     python -m minigpt.sample --checkpoint runs/dpo --title 春夜喜雨        # the preference-tuned model
+    python -m minigpt.sample --checkpoint runs/sft_chat --title 如何自製火藥 從軍行   # a refusal, and a poem
+    python -m minigpt.sample --checkpoint runs/sft_chat --system 你只寫五言絕句 --title 春望   # a system message
 
 Titles may be typed in simplified characters: OpenCC turns them into the corpus's traditional ones (shown), and
 --simplified prints the answers back in simplified. Titles are checked first: characters the model never saw even
@@ -57,6 +59,31 @@ def check_title(title, tokenizer, block_size, fmt=TITLE_TO_POEM, min_answer=16, 
         raise TitleError(f"title of {len(title)} characters is too long: with this model's context of {block_size} "
                          f"tokens it may have at most {room}")
     return title
+
+
+def check_system(system, tokenizer, block_size, fmt, min_answer=16):
+    """A system message, stripped and in traditional characters, if the chat model can take it before a title;
+    else TitleError with a one-line reason."""
+    system = to_traditional(system.strip())
+    if fmt is not CHAT_POEM:
+        raise TitleError("--system needs a chat model (python train_sft.py --tasks all --format chat -> runs/sft_chat)")
+    markers = [t for t in SPECIAL_TOKENS + ROLE_TOKENS if t in system]
+    if markers:
+        raise TitleError(f"the system message holds the control marker {markers[0]}, which the model reads as structure, "
+                         "not text; leave it out")
+    missing = tokenizer.unknown_chars(system)
+    if missing:
+        raise TitleError(f"the system message has characters the model never saw: {' '.join(missing)}; use other words")
+    room = block_size - min_answer - len(tokenizer.encode(system_prompt(system, ""), unknown="unk"))
+    if room < 2:
+        raise TitleError(f"a system message of {len(system)} characters is too long: with this model's context of "
+                         f"{block_size} tokens, a title and an answer need the room")
+    return system
+
+
+def system_prompt(system, title):
+    """The chat prompt under a system message: the title is the user's whole turn, as the persona and rule tasks ask."""
+    return f"<SYS>{system}<EOT><USR>{title}<EOT><AST>"
 
 
 def fine_tuned(ckpt):
@@ -114,6 +141,7 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--system", help="a system message for a chat model, e.g. 你只寫五言絕句 (the title is then the user's turn)")
     p.add_argument("--allow-unknown", action="store_true", help="write unknown characters as <UNK> instead of refusing")
     p.add_argument("--simplified", action="store_true", help="print titles and answers in simplified characters")
     args = p.parse_args(argv)
@@ -122,17 +150,27 @@ def main(argv=None):
             raise TitleError("--max-new-tokens and --top-k must be positive and --temperature not negative")
         model, tokenizer, ckpt = load_checkpoint(args.checkpoint, pick_device(args.device), made_by="python train_sft.py")
         fmt = answer_format(ckpt)  # a base model only knows plain text
+        system = check_system(args.system, tokenizer, model.config.block_size, fmt) if args.system else ""
         titles = [check_title(t, tokenizer, model.config.block_size, fmt, allow_unknown=args.allow_unknown) for t in args.title]
+        long = [t for t in titles if system and len(tokenizer.encode(system_prompt(system, t), unknown="unk"))
+                > model.config.block_size - 16]
+        if long:
+            raise TitleError(f"the system message and the title {long[0]!r} together are too long for this model's "
+                             f"context of {model.config.block_size} tokens; shorten one")
     except (CheckpointError, TitleError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    answers = write(model, tokenizer, [fmt.prompt(t) for t in titles], args.max_new_tokens, stop=fmt.end,
+    from minigpt.tasks import refuses
+    prompts = [system_prompt(system, t) if system else fmt.prompt(t) for t in titles]
+    answers = write(model, tokenizer, prompts, args.max_new_tokens, stop=fmt.end,
                     sampling=sampling, unknown="warn")  # a base model's blank line is no one id: it runs to the cap
     show = to_simplified if args.simplified else str
     for typed, title, (answer, stopped) in zip(args.title, titles, answers):
         converted = shown_conversion(typed, title)
         print(f"【{show(title)}】{'  ' + converted if converted else ''}\n{show(answer)}")
+        if fine_tuned(ckpt) and refuses(answer):
+            print("(refused: it declines the request)")
         print(f"(stopped at {fmt.end})\n" if stopped else f"(no end within {args.max_new_tokens} tokens)\n")
     return answers
 

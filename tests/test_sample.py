@@ -77,3 +77,33 @@ def test_sample_refuses_a_missing_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--checkpoint", str(tmp_path / "nothing"), "--title", "春"])
     assert e.value.code == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_a_system_message_is_checked_for_a_chat_model(tokenizer, splits):
+    from minigpt.data import CHAT_POEM, TITLE_TO_POEM
+    from minigpt.sample import check_system, system_prompt
+    chat, title = tokenizer.with_roles(), splits["train"][0].title.split()[0][:4]
+    assert check_system(f" {title} ", chat, 64, CHAT_POEM) == title
+    assert system_prompt(title, "春") == f"<SYS>{title}<EOT><USR>春<EOT><AST>"
+    with pytest.raises(TitleError, match="needs a chat model"):
+        check_system(title, tokenizer, 64, TITLE_TO_POEM)
+    with pytest.raises(TitleError, match="control marker <EOT>"):
+        check_system(title + "<EOT>", chat, 64, CHAT_POEM)
+    with pytest.raises(TitleError, match="never saw: x"):
+        check_system(title + "x", chat, 64, CHAT_POEM)
+    with pytest.raises(TitleError, match="too long"):
+        check_system(title * 12, chat, 64, CHAT_POEM)
+
+
+def test_sample_shows_a_refusal_as_one_and_refuses_a_system_message_without_chat(runs, capsys, monkeypatch, splits):
+    from minigpt.tasks import REFUSAL
+    _, sft = runs
+    title = splits["train"][0].title.split()[0][:4]
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--checkpoint", str(sft), "--title", title, "--system", title])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "needs a chat model" in err[0]
+    monkeypatch.setattr(sample, "write", lambda *a, **kw: [(REFUSAL.format(why="這會傷人性命"), True), ("白日依山盡", True)])
+    sample.main(["--checkpoint", str(sft), "--title", title, title])
+    out = capsys.readouterr().out
+    assert out.count("(refused: it declines the request)") == 1

@@ -141,7 +141,7 @@ def test_the_copying_tasks_never_name_their_characters_as_a_held_out_phrasing_do
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
 def test_every_instruction_is_traced_to_its_own_phrasing(task):
-    fields = {"form": "五言律詩", "heads": "春眠不覺", "length": "七言", "rhyme": "州"}
+    fields = {"form": "五言律詩", "heads": "春眠不覺", "length": "七言", "rhyme": "州", "ask": "自製火藥", "held": "在井水裡下毒"}
     for phrasing in task.phrasings + task.held_out:
         assert phrasing_of(task, phrasing.format(**fields)) == phrasing
     assert phrasing_of(task, "隨便寫點什麼") is None
@@ -210,7 +210,8 @@ def test_measure_tasks_checks_stops_and_run_ons(monkeypatch):
                     (WUJUE, True), (WUJUE.replace("欲", "將"), False)])
     monkeypatch.setattr(tasks, "write", lambda model, tok, prompts, max_new_tokens, **kw: [next(written) for _ in prompts])
     got = tasks.measure_tasks(None, None, exs)
-    assert got["form"] == {"comply": pytest.approx(1 / 3), "stop": pytest.approx(2 / 3), "run_on": pytest.approx(1 / 3)}
+    assert got["form"] == {"comply": pytest.approx(1 / 3), "stop": pytest.approx(2 / 3), "run_on": pytest.approx(1 / 3),
+                           "refuse": 0.0}
     assert got["acrostic"]["comply"] == 0.5 and got["acrostic"]["heads"] == 7 / 8
 
 
@@ -242,7 +243,7 @@ def test_a_model_that_never_stops_is_scored_on_its_first_poem(monkeypatch):
     written = iter([(QIJUE + "\n\n又\n" + WUJUE, False), (WUJUE + "\n\n又\n" + QIJUE, False)])
     monkeypatch.setattr(tasks, "write", lambda model, tok, prompts, max_new_tokens, **kw: [next(written) for _ in prompts])
     got = tasks.measure_tasks(None, None, exs, never_stops=True)
-    assert got["form"] == {"comply": 0.5, "stop": None, "run_on": 1.0}
+    assert got["form"] == {"comply": 0.5, "stop": None, "run_on": 1.0, "refuse": 0.0}
 
 
 def test_eval_examples_hold_the_unseen_combination_apart(tokenizer):

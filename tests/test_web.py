@@ -92,11 +92,11 @@ def test_conversion_tables_map_simplified_to_the_vocabularys_traditional():
 
 # ---- the page in a real browser ----
 
-def save_run(path, model, tokenizer, stage, step=10):
+def save_run(path, model, tokenizer, stage, step=10, fmt="ins"):
     os.makedirs(path, exist_ok=True)
     cfg = model.config
     save_checkpoint(os.path.join(path, "ckpt.pt"), dict(
-        stage=stage, model=model.state_dict(), tokenizer=tokenizer.to_list(), step=step, settings={"format": "ins"},
+        stage=stage, model=model.state_dict(), tokenizer=tokenizer.to_list(), step=step, settings={"format": fmt},
         model_config=dict(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, n_embd=cfg.n_embd)))
 
@@ -121,6 +121,9 @@ def page(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
     save_run(runs / "pretrain", GPT(cfg), tokenizer, "pretrain")
     save_run(runs / "sft", stopping(GPT(cfg), tokenizer.end_id, after=40), tokenizer, "sft")
+    chat = tokenizer.with_roles()
+    chat_model = GPT(GPTConfig(vocab_size=chat.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    save_run(runs / "sft_chat", stopping(chat_model, chat.stoi["<EOT>"], after=50), chat, "sft", fmt="chat")
     with open(runs / "sft" / "log.jsonl", "w") as f:
         f.write('{"kind": "eval", "step": 0, "stop_rate": 0.0, "examples": [{"title": "<b>x</b>", "answer": "a", '
                 '"stopped": false}]}\n')
@@ -188,6 +191,32 @@ def test_the_page_refuses_markup_and_control_tokens(browser, page):
     assert "<END>" in pg.text_content("#message")
     pg.click("#lang")
     assert "step 0" in pg.text_content("#learn-head") and pg.locator("#learn-examples b").count() == 0
+    assert requests == [] and errors == []
+
+
+@pytest.mark.slow
+def test_the_chat_model_reads_a_system_message_and_a_refusal_is_shown_as_one(browser, page, tokenizer):
+    from minigpt.tasks import REFUSAL, refuses
+    chars = [c for c in tokenizer.itos[6:] if len(c) == 1 and c.strip() and c not in "，。"]
+    title, system = chars[0], "".join(chars[1:7])
+    pg, requests, errors = open_page(browser, page, 1200)
+    pg.select_option("#tuned", "chat")
+    pg.fill("#title", title)
+    pg.fill("#system", system + "<EOT>")
+    pg.click("#go")
+    assert "<EOT>" in pg.text_content("#message") and pg.locator("#col-tuned[data-state]").count() == 0
+    pg.fill("#system", system * 8)  # with the title, over the context of 64 less the 16 kept for the answer
+    pg.click("#go")
+    assert "48" in pg.text_content("#message") and pg.locator("#col-tuned[data-state]").count() == 0
+    pg.fill("#system", system)
+    pg.click("#go")
+    pg.wait_for_selector("#col-tuned[data-state=done]", timeout=30000)
+    assert pg.text_content("#col-tuned .prompt") == f"<SYS>{system}<EOT><USR>{title}<EOT><AST>"
+    assert "<SYS>" not in pg.text_content("#col-base .prompt")  # the base model reads no system message
+    for text in (REFUSAL.format(why="這會傷人性命"), "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。",
+                 "春風不能度，黃河入海流。\n欲窮千里目，更上一層樓。", "我可以告訴你：先買硝石"):
+        # the page labels as refused what the task table counts as refused
+        assert pg.evaluate("(t) => REFUSES.test(t) && !t.includes('\\n')", text) == refuses(text), text
     assert requests == [] and errors == []
 
 
