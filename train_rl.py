@@ -4,7 +4,8 @@ the answers that scored above their group; the reward is the reward model of tra
 
     python train_rl.py                          # after python train_reward.py: about 9.5 minutes on 2 CPU cores
     python train_rl.py --reward program         # the program's combined score as the reward, no reward model
-    python train_rl.py --kl-coef 0 --max-minutes 20 --out-dir runs/rl_nokl   # no leash: what the policy finds
+    python train_rl.py --kl-coef 0.05 --out-dir runs/rl_kl005   # a looser leash
+    python train_rl.py --kl-coef 0 --max-minutes 16 --out-dir runs/rl_nokl   # no leash: what the policy finds
 
 Every eval prints the mean reward, the program's score and checks on val titles, the KL to the SFT model and the
 entropy; the last one writes the test titles' table (table.txt) and rl.png.
@@ -38,7 +39,7 @@ class RLSettings:
     group: int = 4  # answers per title: the group each advantage is taken within
     epochs: int = 2  # PPO steps on each collection (the first one on-policy)
     clip: float = 0.2  # PPO's clip on the ratio
-    kl_coef: float = 0.05  # the leash: weight of KL(policy || SFT) per answer token
+    kl_coef: float = 0.2  # the leash: weight of KL(policy || SFT) per answer token (0.2 against 0.05: docs/rlhf.md)
     eval_titles: int = 100  # val titles measured at every eval
     test_titles: int = 300  # for the final table only
     max_new_tokens: int = 100
