@@ -40,20 +40,26 @@ def to_simplified(text):
     return _converter("t2s").convert(text)
 
 
+def check_text(text, what, tokenizer, unknown_hint, allow_unknown=False):
+    """TitleError naming `what` (a title, the system message) if the text holds a control marker or, unless
+    allow_unknown, characters the model never saw (unknown_hint ends that message)."""
+    markers = [t for t in SPECIAL_TOKENS + ROLE_TOKENS if t in text]
+    if markers:
+        raise TitleError(f"{what} holds the control marker {markers[0]}, which the model reads as structure, not text; "
+                         "leave it out")
+    missing = tokenizer.unknown_chars(text)
+    if missing and not allow_unknown:
+        raise TitleError(f"{what} has characters the model never saw: {' '.join(missing)}{unknown_hint}")
+
+
 def check_title(title, tokenizer, block_size, fmt=TITLE_TO_POEM, min_answer=16, allow_unknown=False):
     """The title, stripped and in traditional characters, if the model can take it; else TitleError with a one-line
     reason."""
     title = to_traditional(title.strip())
     if not title:
         raise TitleError("empty title: give a few characters, e.g. --title 春夜喜雨")
-    markers = [t for t in SPECIAL_TOKENS + ROLE_TOKENS if t in title]
-    if markers:
-        raise TitleError(f"title {title!r} holds the control marker {markers[0]}, which the model reads as structure, "
-                         "not text; leave it out")
-    missing = tokenizer.unknown_chars(title)
-    if missing and not allow_unknown:
-        raise TitleError(f"title {title!r} has characters the model never saw: {' '.join(missing)} (no Tang poem of "
-                         "the corpus uses them; use other words, or --allow-unknown to write them as <UNK>)")
+    check_text(title, f"title {title!r}", tokenizer, " (no Tang poem of the corpus uses them; use other words, or "
+               "--allow-unknown to write them as <UNK>)", allow_unknown)
     room = block_size - min_answer - len(tokenizer.encode(fmt.prompt(""), unknown="unk"))
     if len(title) > room:
         raise TitleError(f"title of {len(title)} characters is too long: with this model's context of {block_size} "
@@ -67,13 +73,7 @@ def check_system(system, tokenizer, block_size, fmt, min_answer=16):
     system = to_traditional(system.strip())
     if fmt is not CHAT_POEM:
         raise TitleError("--system needs a chat model (python train_sft.py --tasks all --format chat -> runs/sft_chat)")
-    markers = [t for t in SPECIAL_TOKENS + ROLE_TOKENS if t in system]
-    if markers:
-        raise TitleError(f"the system message holds the control marker {markers[0]}, which the model reads as structure, "
-                         "not text; leave it out")
-    missing = tokenizer.unknown_chars(system)
-    if missing:
-        raise TitleError(f"the system message has characters the model never saw: {' '.join(missing)}; use other words")
+    check_text(system, "the system message", tokenizer, "; use other words")
     room = block_size - min_answer - len(tokenizer.encode(system_prompt(system, ""), unknown="unk"))
     if room < 2:
         raise TitleError(f"a system message of {len(system)} characters is too long: with this model's context of "
