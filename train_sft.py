@@ -10,14 +10,16 @@ Every few steps it prints, for the same titles, what the model answers and wheth
 behaviour on val titles; test titles appear only in the final table.
 """
 import dataclasses
+import json
 import os
 from dataclasses import asdict, dataclass
 
 from minigpt import cli
-from minigpt.checkpoint import grow_vocab, load_checkpoint
+from minigpt.checkpoint import checkpoint_path, grow_vocab, load_checkpoint, save_checkpoint
 from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, load_poems, split_poems
 from minigpt.evaluate import compare, eval_set, format_table, loss_batches, measure, table_note, val_sample, write_answers
 from minigpt.generate import write
+from minigpt.lora import TRAIN_ONLY, adapter_state, fingerprint, prepare, trainable
 from minigpt.metrics import Yardstick
 from minigpt.model import GPT, GPTConfig
 from minigpt.plot import plot_behaviour, plot_losses, plot_refusal, plot_tasks
@@ -40,11 +42,29 @@ class SFTSettings:
     tasks: str = "poem"  # poem: title -> poem with one instruction; else a mix of tasks, each in several phrasings
     task_examples: int = 30  # val examples per task measured at every eval (several tasks only)
     format: str = "ins"  # ins: <INS>...<INP>...<RES>...<END>; chat: the role markers
+    lora_rank: int = 0  # 0: every parameter trains; else LoRA of this rank on lora_targets, the rest frozen
+    lora_alpha: float = 0.0  # LoRA's scale is alpha / rank; 0: alpha = 2 x rank
+    lora_targets: str = "attn,mlp"  # which projections of each block LoRA adapts (minigpt.lora.TARGETS)
+    train_only: str = ""  # head, last_block or norms: only that part trains (minigpt.lora.TRAIN_ONLY)
 
     def __post_init__(self):
         for name in ("eval_titles", "max_new_tokens", "task_examples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ValueError("--lora-rank and --lora-alpha must not be negative")
+        if self.lora_rank and self.train_only:
+            raise ValueError("--lora-rank and --train-only are two ways to tune a part of the model; give one")
+
+    @property
+    def tuning(self):
+        """How much of the model trains, as minigpt.lora.prepare reads it (all off: every parameter)."""
+        return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_targets": self.lora_targets,
+                "train_only": self.train_only}
+
+    @property
+    def partial(self):
+        return bool(self.lora_rank or self.train_only)
 
     @property
     def several(self):
@@ -103,6 +123,12 @@ def parse_args(argv):
     parser.add_argument("--format", choices=["ins", "chat"], default="ins",
                         help="ins: <INS>instruction<INP>input<RES>answer<END>; chat: <SYS>system<EOT><USR>user<EOT><AST>answer<EOT>, "
                              "the role markers and the quote marks 「」 six new ids (the embedding grows by six rows)")
+    tune = parser.add_argument_group("tuning a part of the model (minigpt.lora; default: every parameter trains)")
+    tune.add_argument("--lora-rank", type=int, help="LoRA of this rank on --lora-targets; the base stays frozen")
+    tune.add_argument("--lora-alpha", type=float, help="LoRA's scale is alpha / rank (default: alpha = 2 x rank)")
+    tune.add_argument("--lora-targets", help="comma-separated: attn (qkv, proj), mlp (fc, proj); default attn,mlp")
+    tune.add_argument("--train-only", choices=sorted(TRAIN_ONLY), help="only this part trains: head (tied to the "
+                      "embedding), last_block, norms")
     args = parser.parse_args(argv)
     args.out_dir = args.out_dir or default_out_dir(args.tasks, args.format)
     return args
@@ -127,7 +153,23 @@ def start(args, settings):
     dropout = base_ckpt["model_config"]["dropout"] if args.dropout is None else args.dropout
     model = GPT(cli.model_config(GPTConfig, **{**base_ckpt["model_config"], "dropout": dropout}))
     model.load_state_dict(base.state_dict())
+    try:
+        prepare(model, settings.tuning)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
     return model, base, tokenizer, base_ckpt, dataclasses.replace(settings, init_from=os.path.abspath(settings.init_from)), None
+
+
+def adapter_meta(base, settings):
+    """What a checkpoint of a partly frozen run says about its base: where it is, its fingerprint, the tuning."""
+    return {"base": settings.init_from, "fingerprint": fingerprint(base.state_dict()), "tuning": settings.tuning}
+
+
+def save_adapter(out_dir, model, extra, step):
+    """adapter.pt: the trained tensors and what loads them on their base, no optimizer state; returns its bytes."""
+    path = os.path.join(out_dir, "adapter.pt")
+    save_checkpoint(path, {**extra, "model": adapter_state(model), "step": step})
+    return os.path.getsize(path)
 
 
 def samples_of_tasks(task_val, tokenizer, fmt, max_new):
@@ -171,6 +213,9 @@ def main(argv=None):
     chat = settings.format == "chat"
     splits = split_poems(load_poems(args.corpus))
     cli.check_vocabulary(tokenizer, splits["train"], chat, settings.init_from, args.corpus)
+    if chat and settings.partial:
+        raise cli.UsageError("--lora-rank and --train-only tune the ins format (the default): the chat format's new "
+                             "role markers need new rows of the embedding to train; drop --format chat")
     if chat:  # the role markers join the vocabulary; the base model gets them too, to be given the same prompts
         tokenizer = tokenizer.with_roles()
         model, base = (m if m.config.vocab_size == tokenizer.vocab_size else grow_vocab(m, tokenizer.vocab_size)
@@ -201,11 +246,22 @@ def main(argv=None):
 
     extra_ckpt = {"stage": "sft", "model_config": model.config.__dict__.copy(), "tokenizer": tokenizer.to_list(),
                   "settings": asdict(settings)}
+    if settings.partial:  # the checkpoint holds only what trains; it names its base
+        extra_ckpt["adapter"] = adapter_meta(base, settings)
+        n_train, n_all = trainable(model)
+        print(f"tuning {n_train:,} of {n_all:,} parameters ({n_train / n_all:.2%}): "
+              + (f"LoRA rank {settings.lora_rank} on {settings.lora_targets}" if settings.lora_rank
+                 else f"only the {settings.train_only}"))
     result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, tokenizer.pad_id, g, settings.train_on_prompt),
                    val["poem"], args.out_dir, extra_ckpt, sample=sample, metrics=metrics, on_event=cli.print_event,
                    device=device, resume_from=resumed)
     if not cli.is_lead():
         return result
+    if settings.partial:
+        size = save_adapter(args.out_dir, model, extra_ckpt, result["step"])
+        full = os.path.getsize(checkpoint_path(settings.init_from))
+        print(f"adapter: {args.out_dir}/adapter.pt, {size / 1024:,.0f} KB ({size / full:.1%} of the base checkpoint's "
+              f"{full / 1024:,.0f} KB); it loads on its base alone, or python -m minigpt.lora --merge makes a full one")
     return {**result, "columns": final_tables(args.out_dir, base.to(device), model, tokenizer, splits, yard, settings,
                                               tasks, fmt, poem_fmt, result)}
 
@@ -217,6 +273,8 @@ def final_tables(out_dir, base, model, tokenizer, splits, yard, settings, tasks,
     n, max_new = settings.eval_titles, settings.max_new_tokens
     columns, test_set, _ = compare(base, model, tokenizer, splits, n, max_new, yardstick=yard, fmt=poem_fmt)
     cli.write_table(out_dir, "table.txt", format_table(columns, table_note(test_set, yard, splits)))
+    with open(os.path.join(out_dir, "final.json"), "w", encoding="utf-8") as f:  # for tables across runs (minigpt.lora)
+        json.dump(dict(columns), f)
     plot_behaviour(log, os.path.join(out_dir, "behaviour.png"))
     if settings.several:  # each task on test examples: the base model given the prompt, then the fine-tuned one
         T = model.config.block_size
@@ -229,8 +287,8 @@ def final_tables(out_dir, base, model, tokenizer, splits, yard, settings, tasks,
         tuned, tuned_held = dict(by_task)["fine-tuned"], dict(by_task)["fine-tuned, held-out phrasings"]
         refusals = refusal_line({**tuned, **{f"{k}:held": v for k, v in tuned_held.items()}})
         convs = [ex for exs in seen.values() for ex in exs if len(ex.history) == 2]  # conversations of three turns
-        turns = format_turns([("fine-tuned", persona_over_turns(model, tokenizer, convs, max_new)),
-                              ("fine-tuned, no system message", persona_over_turns(model, tokenizer, convs, max_new,
+        turns = format_turns([("fine-tuned", persona_over_turns(model, tokenizer, convs, T, max_new)),
+                              ("fine-tuned, no system message", persona_over_turns(model, tokenizer, convs, T, max_new,
                                                                                    system=False))]) if convs else []
         cli.write_table(out_dir, "tasks.txt", "\n".join([format_task_table(by_task, f"({n} test examples per task at "
                         f"most, {UNSEEN_TIMES * n} for a never-trained combination (:unseen). {TABLE_NOTE})")]

@@ -70,6 +70,8 @@ def load_checkpoint(path, device="cpu", made_by="python train_pretrain.py"):
         tokenizer = CharTokenizer.from_list(ckpt["tokenizer"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its vocabulary is refused ({str(e).splitlines()[0][:160]})") from None
+    if "adapter" in ckpt:  # LoRA or --train-only: the trained tensors alone, put on the base they were trained on
+        return on_its_base(path, ckpt, device), tokenizer, ckpt
     try:
         model = model_class(ckpt)(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
@@ -78,6 +80,24 @@ def load_checkpoint(path, device="cpu", made_by="python train_pretrain.py"):
     if tokenizer.vocab_size != model.config.vocab_size:
         raise CheckpointError(f"{path}: vocabulary of {tokenizer.vocab_size} does not match the model's {model.config.vocab_size}")
     return model.to(device), tokenizer, ckpt
+
+
+def on_its_base(path, ckpt, device="cpu", base=None):
+    """The model of an adapter checkpoint: its base (ckpt['adapter']['base'], or base, a run folder or checkpoint
+    file), checked against the fingerprint it was trained on, with the adapter's tuning applied and its tensors
+    loaded. A base of other weights is refused: the adapter's numbers mean nothing on it."""
+    from minigpt.lora import fingerprint, load_trained, prepare
+    meta = ckpt["adapter"]
+    base_path = base or meta["base"]
+    model, _, _ = load_checkpoint(base_path, device)
+    if fingerprint(model.state_dict()) != meta["fingerprint"]:
+        raise CheckpointError(f"{path} is an adapter for another base than {checkpoint_path(base_path)} (its weights "
+                              f"differ from those it was trained on); pass the base it was made from")
+    try:
+        load_trained(prepare(model, meta["tuning"]), ckpt["model"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the adapter does not fit its base ({str(e).splitlines()[0][:160]})") from None
+    return model.to(device)
 
 
 def model_class(ckpt):

@@ -37,6 +37,7 @@ class Example:
     want: object = None
     earlier: str = ""  # a two-turn task: the first answer, already in the conversation
     history: tuple = ()  # a conversation under a system message: the earlier (user, answer) turns, in order
+    dropped: int = 0  # how many of the oldest turns the context leaves out (fit_context): the system message stays
 
 
 @dataclass(frozen=True)
@@ -437,40 +438,62 @@ def prompt_text(example, fmt=TITLE_TO_POEM):
     """What the model reads before it answers: <INS>{instruction}<INP>{input}<RES>, or in the chat format
     (fmt=CHAT) <USR>{instruction}\n{input}<EOT><AST>, the instruction of a system task as <SYS>{instruction}<EOT>."""
     task = BY_NAME[example.task]
-    if fmt is CHAT and example.history:  # a conversation: the system message, the earlier turns, then this one
-        turns = "".join(f"<USR>{user}<EOT><AST>{answer}<EOT>" for user, answer in example.history)
-        return f"<SYS>{example.instruction}<EOT>{turns}<USR>{example.input}<EOT><AST>"
+    system = f"<SYS>{example.instruction}<EOT>" if example.instruction else ""  # no_system empties it
+    if fmt is CHAT and task.system and task.two_turns:  # a conversation: the system message, the turns so far, this one
+        turns = "".join(f"<USR>{user}<EOT><AST>{answer}<EOT>" for user, answer in example.history[example.dropped:])
+        return f"{system}{turns}<USR>{example.input}<EOT><AST>"
     if fmt is CHAT and task.two_turns:
         first = CHAT_POEM.prompt(example.input) + example.earlier + CHAT.end
         return f"{first}<USR>{example.instruction}<EOT><AST>"
     if fmt is CHAT and task.system:
-        return f"<SYS>{example.instruction}<EOT><USR>{example.input}<EOT><AST>"
+        return f"{system}<USR>{example.input}<EOT><AST>"
     if fmt is CHAT and not example.input:  # a request in the instruction alone (a harmful one): no empty line
         return f"{fmt.ins}{example.instruction}{fmt.res}"
     return f"{fmt.ins}{example.instruction}{fmt.inp}{example.input}{fmt.res}"
 
 
+def fit_context(example, tokenizer, limit, fmt=TITLE_TO_POEM):
+    """The example as it fits limit tokens, prompt, answer and end marker, or None. A conversation that does not fit
+    leaves out its oldest turns, never the one just before this turn (a follow-up may point at it) and never the
+    system message: the system message is pinned, the talk's beginning scrolls out of the window first."""
+    for dropped in range(max(len(example.history), 1)):
+        ex = dataclasses.replace(example, dropped=dropped) if dropped else example
+        if len(tokenizer.encode(prompt_text(ex, fmt) + ex.answer + fmt.end, unknown="unk")) <= limit:
+            return ex
+    return None
+
+
+def no_system(by_task):
+    """The examples of the system tasks with their system message taken away, the user's turns left as they are: what
+    the same requests get without the rule (the level a rule's figure is read against)."""
+    return {name: [dataclasses.replace(ex, instruction="") for ex in exs] for name, exs in by_task.items()
+            if BY_NAME[name.split(":")[0]].system}
+
+
 def task_data(poems, tokenizer, block_size, tasks, rhyme_groups, fmt=TITLE_TO_POEM):
     """The tasks' training examples from one split as SFTData, rendered with the loss on the answer and the end marker
-    only; an example longer than the context is left out whole (a cut answer would teach an end in the wrong place).
-    counts: the poems, the kept examples per task, and how many were too long."""
+    only; an example longer than the context is left out whole (a cut answer would teach an end in the wrong place),
+    a conversation first leaves out its oldest turns (fit_context). counts: the poems, the kept examples per task,
+    how many were too long, and how many conversations were shortened."""
     rendered, counts = [], collections.Counter(poems=len(poems))
     for ex in examples(poems, tasks, rhyme_groups, fmt=fmt):
-        ids, mask = render(tokenizer, prompt_text(ex, fmt), ex.answer + fmt.end)
-        if len(ids) > block_size + 1:
+        fit = fit_context(ex, tokenizer, block_size + 1, fmt)
+        if fit is None:
             counts["too_long"] += 1
             continue
-        rendered.append((ids, mask))
+        rendered.append(render(tokenizer, prompt_text(fit, fmt), fit.answer + fmt.end))
         counts[ex.task] += 1
-    return SFTData(rendered, dict(counts))
+        counts["shortened"] += fit.dropped > 0
+    return SFTData(rendered, {k: v for k, v in counts.items() if v})
 
 
 def eval_examples(poems, tasks, rhyme_groups, n, tokenizer, block_size, held_out=False, fmt=TITLE_TO_POEM, unseen_n=None):
     """{name: n examples spread over a held-out split} for each task, phrased with the trained phrasings (or the
     held-out ones), never-trained combinations included, and whose prompt and real answer fit the context.
-    'form:unseen' holds unseen_n (default n) examples of the never-trained combinations."""
-    fits = [ex for ex in examples(poems, tasks, rhyme_groups, held_out=held_out, train=False, fmt=fmt)
-            if len(tokenizer.encode(prompt_text(ex, fmt) + ex.answer, unknown="unk")) < block_size]
+    'form:unseen' holds unseen_n (default n) examples of the never-trained combinations. A conversation may have left
+    out its oldest turns to fit (fit_context)."""
+    fits = [fit for ex in examples(poems, tasks, rhyme_groups, held_out=held_out, train=False, fmt=fmt)
+            if (fit := fit_context(ex, tokenizer, block_size, fmt)) is not None]
     out = {}
     for task in tasks:
         out[task.name] = spread([ex for ex in fits if ex.task == task.name and ex.want not in task.never_trained], n)
@@ -593,19 +616,23 @@ def _heads_written_in(model, tokenizer, ex, fmt, gen, breaks, end_id, max_clause
     return tokenizer.decode(ids[start:-1] if stopped else ids[start:]), stopped
 
 
-def persona_over_turns(model, tokenizer, exs, max_new_tokens=128, system=True):
+def persona_over_turns(model, tokenizer, exs, block_size, max_new_tokens=128, system=True):
     """{turn: {mark, task, stop, n}} for the three-turn conversations among exs (persona_turns examples), written
-    whole by the model: each turn reads its own earlier answers. mark: a poem turn is one 五言絕句 (the persona's
+    whole by the model: each turn reads its own earlier answers, as much of them as leaves room in block_size for
+    the turn's real answer (fit_context: the system message stays). mark: a poem turn is one 五言絕句 (the persona's
     mark; the naming turn has none); task: the turn's own check (a regular poem, or a name for the first poem).
     system=False: the same turns with no system message, the level the mark has without the persona."""
     convs = [ex for ex in exs if len(ex.history) == 2]
     if not convs:
         return {}
-    texts = [f"<SYS>{ex.instruction}<EOT>" if system else "" for ex in convs]
+    said = [() for _ in convs]  # each conversation's turns so far, with the model's own answers
     firsts, out = [], {}
     for turn in range(3):
-        users = [(ex.history + ((ex.input, ex.answer),))[turn][0] for ex in convs]
-        texts = [f"{t}<USR>{u}<EOT><AST>" for t, u in zip(texts, users)]
+        turns = [(ex.history + ((ex.input, ex.answer),))[turn] for ex in convs]  # (user, real answer)
+        now = [Example(ex.task, ex.instruction if system else "", user, real, "poem", "", s)
+               for ex, (user, real), s in zip(convs, turns, said)]
+        texts = [prompt_text(fit_context(ex, tokenizer, block_size, CHAT) or ex, CHAT) for ex in now]
+        users = [user for user, _ in turns]
         written = write(model, tokenizer, texts, max_new_tokens, stop=CHAT.end)
         firsts = firsts or [a for a, _ in written]
         naming = [u == TURN_TWO[2] for u in users]
@@ -614,7 +641,7 @@ def persona_over_turns(model, tokenizer, exs, max_new_tokens=128, system=True):
         marks = [a == first_poem(a) and form_of(a) == PERSONA_FORM for (a, _), name in zip(written, naming) if not name]
         out[turn + 1] = {"mark": sum(marks) / len(marks) if marks else None, "task": sum(task_ok) / len(convs),
                          "stop": sum(s for _, s in written) / len(convs), "n": len(convs)}
-        texts = [t + a + CHAT.end for t, (a, _) in zip(texts, written)]
+        said = [s + ((u, a),) for s, u, (a, _) in zip(said, users, written)]
     return out
 
 
@@ -660,8 +687,9 @@ def task_columns(base, tokenizer, seen, held_out, models, max_new_tokens=128, fm
                  own_formats=None):
     """The columns of the task table: the real answers and the chance level (reference_columns), the base model given
     the prompt; each fine-tuned model of models
-    [(name, model)] on the trained phrasings; the last one also on the held-out phrasings and, for the acrostic,
-    with the head characters written in by the program. phrasings: the fine-tuned columns hold by_phrasing too.
+    [(name, model)] on the trained phrasings; the last one also on the held-out phrasings, in the chat format on the
+    system tasks without their system message (no_system), and, for the acrostic, with the head characters written
+    in by the program. phrasings: the fine-tuned columns hold by_phrasing too.
     own_formats: {name: format} for a model asked in another format than fmt (a single-task model beside a chat one)."""
     columns = reference_columns(seen) + [("base, given the prompt", measure_tasks(base, tokenizer, seen, max_new_tokens,
                                                                                   True, fmt))]
@@ -670,6 +698,9 @@ def task_columns(base, tokenizer, seen, held_out, models, max_new_tokens=128, fm
     name, last = models[-1]
     columns.append((name + ", held-out phrasings",
                     measure_tasks(last, tokenizer, held_out, max_new_tokens, fmt=fmt, phrasings=phrasings)))
+    alone = no_system(seen) if fmt is CHAT else {}
+    if alone:  # the system tasks' user turns alone: how often the rule's form comes anyway, the request within it
+        columns.append((name + ", no system message", measure_tasks(last, tokenizer, alone, max_new_tokens, fmt=fmt)))
     if seen.get("acrostic"):
         forced = write_heads_in(last, tokenizer, seen["acrostic"], fmt=fmt)
         columns.append((name + ", heads written in", {"acrostic": score_written(forced, seen["acrostic"], BY_NAME["acrostic"])}))
@@ -680,7 +711,8 @@ TABLE_NOTE = ("'real answers': each example's real answer checked; 'another's re
               "example checked against this one, the chance level a model's figure is read against. "
               "form:unseen asks for the one form never asked for in training, 七言絕句. The base model never saw <END>: "
               "its answer is its first poem. 'heads written in': the program puts each head character in place and "
-              "the model writes the rest of each clause, a reference for the acrostic.")
+              "the model writes the rest of each clause, a reference for the acrostic. 'no system message': the system tasks' "
+              "user turns alone, the level a rule is read against.")
 
 
 def main(argv=None):

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from minigpt.checkpoint import replace_durably, save_checkpoint
+from minigpt.lora import adapter_state, load_trained
 from minigpt.loss_eval import evaluate_loss
 from minigpt.model import IGNORE_INDEX
 
@@ -286,7 +287,7 @@ class Run:
 
     def resume(self, ckpt):
         """Everything comes from the checkpoint, in every process."""
-        self.model.load_state_dict(ckpt["model"])
+        load_trained(self.model, ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.procs.set_rng_state(ckpt["rng"], self.cfg.seed + ckpt["step"])
         self.data_gen.set_state(ckpt["rng"]["data"].cpu())
@@ -345,7 +346,8 @@ class Run:
     def _log_line(self, lr, n_tokens):
         """The mean loss and the speed since the last log line."""
         mean, rate = sum(self.window) / len(self.window), len(self.window) * n_tokens / max(self.t_window, 1e-9)
-        self.log.emit({"kind": "train", "step": self.step, "loss": mean, "lr": lr, "tok_per_s": round(rate)})
+        self.log.emit({"kind": "train", "step": self.step, "loss": mean, "lr": lr, "tok_per_s": round(rate),
+                       "step_ms": round(1000 * self.t_window / len(self.window), 1)})
         self.bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
         self.window, self.t_window = [], 0.0
 
@@ -375,11 +377,17 @@ class Run:
         rng = self.procs.rng_states()
         if self.procs.lead:
             save_checkpoint(self.ckpt_path, {
-                **self.extra, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                **self.extra, "model": saved_state(self.model), "optimizer": self.opt.state_dict(),
                 "train_config": asdict(self.cfg), "step": self.step, "tokens": self.tokens, **self.clock.state(),
                 "window": list(self.window), "last_eval": json.loads(json.dumps(self.last_eval)),
                 "val_loss": self.last_eval.get("val_loss"), "rng": {**rng, "data": self.data_gen.get_state()}})
         self.saved_step = self.step
+
+def saved_state(model):
+    """What a checkpoint keeps of the model: its state_dict, or where part of it is frozen (LoRA, --train-only) only
+    the tensors that train, an adapter for the base the checkpoint names (minigpt.checkpoint.on_its_base)."""
+    return model.state_dict() if all(p.requires_grad for p in model.parameters()) else adapter_state(model)
+
 
 def early_eval_steps(eval_every):
     """The steps 10, 25, 50, 100, 250, 500, ... that come before eval_every: evals spaced out logarithmically."""

@@ -5,7 +5,8 @@ import pytest
 
 from minigpt.data import Poem
 from minigpt.tasks import (BY_NAME, CHAT, HARMS, POEM_PHRASINGS, REFUSAL, TURN_TWO, Example, examples, every_eval_examples,
-                           format_turns, measure_tasks, persona_over_turns, prompt_text, refusal_line, refuses, says_no)
+                           fit_context, format_turns, measure_tasks, no_system, persona_over_turns, prompt_text,
+                           refusal_line, refuses, says_no)
 
 WUJUE = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"
 WUJUE2 = "千山鳥飛絕，萬徑人蹤滅。\n孤舟蓑笠翁，獨釣寒江雪。"
@@ -100,22 +101,60 @@ def test_a_persona_conversation_holds_its_earlier_turns_and_fits_the_context(tok
     assert BY_NAME["persona_turns"].check("登樓", naming) and not BY_NAME["persona_turns"].check(WUJUE, naming)
 
 
-def test_persona_over_turns_reads_the_models_own_answers_turn_by_turn(monkeypatch):
+def stand_in_writer(monkeypatch, *turns):
+    """write() replaced by a model that gives these answers, a list per call; returns the prompts it was given."""
     from minigpt import tasks
+    answers, seen = iter(turns), []
+    monkeypatch.setattr(tasks, "write", lambda model, tok, prompts, max_new_tokens, **kw: seen.append(prompts) or next(answers))
+    return seen
+
+
+def test_persona_over_turns_reads_the_models_own_answers_turn_by_turn(monkeypatch, tokenizer):
     convs = [Example("persona_turns", "你只寫五言絕句", "題三", WUJUE3, "poem", "",
                      (("題一", WUJUE), (TURN_TWO[0], WUJUE2))) for _ in range(2)]
-    answers = iter([[(WUJUE, True), (QIJUE, True)],  # turn 1: one keeps the persona, one does not
-                    [(WUJUE2, True), (WUJUE2, True)],
-                    [(QIJUE, False), (WUJUE3, True)]])
-    seen = []
-    monkeypatch.setattr(tasks, "write", lambda model, tok, prompts, max_new_tokens, **kw: seen.append(prompts) or next(answers))
-    got = persona_over_turns(None, None, convs)
+    turns = ([(WUJUE, True), (QIJUE, True)],  # turn 1: one keeps the persona, one does not
+             [(WUJUE2, True), (WUJUE2, True)],
+             [(QIJUE, False), (WUJUE3, True)])
+    seen = stand_in_writer(monkeypatch, *turns)
+    got = persona_over_turns(None, tokenizer.with_roles(), convs, block_size=128)
     assert got[1] == {"mark": 0.5, "task": 1.0, "stop": 1.0, "n": 2} and got[2]["mark"] == 1.0
     assert got[3] == {"mark": 0.5, "task": 1.0, "stop": 0.5, "n": 2}
-    assert seen[2][1] == (f"<SYS>你只寫五言絕句<EOT><USR>題一<EOT><AST>{QIJUE}<EOT><USR>{TURN_TWO[0]}<EOT><AST>{WUJUE2}"
-                          "<EOT><USR>題三<EOT><AST>")  # the model's own answers, not the real ones
+    whole = f"<SYS>你只寫五言絕句<EOT><USR>題一<EOT><AST>{QIJUE}<EOT><USR>{TURN_TWO[0]}<EOT><AST>{WUJUE2}<EOT><USR>題三<EOT><AST>"
+    assert seen[2][1] == whole  # the model's own answers, not the real ones
     lines = format_turns([("fine-tuned", got)])
     assert len(lines) == 4 and lines[1].split()[-3:] == ["50.0%", "100.0%", "50.0%"]
+    # a window too short for the whole talk and turn 3's answer: turn 1 scrolls out, the system message stays
+    short = len(tokenizer.with_roles().encode(whole + WUJUE3 + "<EOT>", unknown="unk")) - 1
+    seen = stand_in_writer(monkeypatch, *turns)
+    persona_over_turns(None, tokenizer.with_roles(), convs, block_size=short)
+    assert seen[2][0] == whole.replace(QIJUE, WUJUE)  # its first answer was shorter: the whole talk still fits
+    assert seen[2][1] == f"<SYS>你只寫五言絕句<EOT><USR>{TURN_TWO[0]}<EOT><AST>{WUJUE2}<EOT><USR>題三<EOT><AST>"
+    # with no system message the same turns, nothing of the persona
+    seen = stand_in_writer(monkeypatch, *turns)
+    persona_over_turns(None, tokenizer.with_roles(), convs, block_size=128, system=False)
+    assert seen[0] == ["<USR>題一<EOT><AST>"] * 2 and "<SYS>" not in seen[2][1]
+
+
+def test_a_conversation_too_long_for_the_context_keeps_its_system_message_and_last_turn(tokenizer):
+    tok = tokenizer.with_roles()
+    talk = Example("persona_turns", "你只寫五言絕句", "題三", WUJUE3, "poem", "", (("題一", WUJUE), (TURN_TWO[0], WUJUE2)))
+    whole = len(tok.encode(prompt_text(talk, CHAT) + WUJUE3 + "<EOT>", unknown="unk"))
+    assert fit_context(talk, tok, whole, CHAT) is talk
+    cut = fit_context(talk, tok, whole - 1, CHAT)
+    assert cut.dropped == 1 and prompt_text(cut, CHAT).startswith(f"<SYS>你只寫五言絕句<EOT><USR>{TURN_TWO[0]}<EOT>")
+    assert fit_context(talk, tok, len(tok.encode(prompt_text(cut, CHAT) + WUJUE3 + "<EOT>", unknown="unk")) - 1, CHAT) is None
+    naming = Example("persona_turns", "你只寫五言絕句", TURN_TWO[2], "登鸛雀樓", "name", "", (("登鸛雀樓", WUJUE),))
+    assert fit_context(naming, tok, 20, CHAT) is None  # the turn a follow-up points at is never left out
+    plain = Example("poem", POEM_PHRASINGS[0], "登鸛雀樓", WUJUE)
+    assert fit_context(plain, tok, 200, CHAT) is plain and fit_context(plain, tok, 20, CHAT) is None
+
+
+def test_without_its_system_message_a_system_task_is_the_users_turn_alone():
+    rule = Example("rule", "規則：只寫五言律詩", "寫一首七言律詩，題目如下\n春望", WULU, "五言律詩")
+    alone = no_system({"rule": [rule], "poem": [Example("poem", POEM_PHRASINGS[0], "春望", WULU)]})
+    assert list(alone) == ["rule"]  # only the system tasks
+    assert prompt_text(alone["rule"][0], CHAT) == "<USR>寫一首七言律詩，題目如下\n春望<EOT><AST>"
+    assert prompt_text(rule, CHAT) == "<SYS>規則：只寫五言律詩<EOT><USR>寫一首七言律詩，題目如下\n春望<EOT><AST>"
 
 
 def test_the_rows_that_an_always_or_never_refusing_model_fails(monkeypatch):

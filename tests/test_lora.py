@@ -1,0 +1,169 @@
+"""Tuning a few parameters: LoRA starts as its base, only its adapter learns, merging changes nothing, the adapter is a
+small file that goes only on its own base, and a LoRA run resumes exactly."""
+import os
+import signal
+
+import pytest
+import torch
+
+import train_pretrain
+import train_sft
+from minigpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minigpt.cli import run
+from minigpt.data import SFTData
+from minigpt.generate import generate
+from minigpt.lora import (LoRALinear, add_lora, fingerprint, format_rows, merge, rows_for, train_only, trainable)
+from minigpt.model import GPT
+from tests.conftest import FIXTURE_CORPUS
+
+TINY = ["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--device", "cpu"]
+LORA_FLAGS = ["--lora-rank", "2"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    train_pretrain.main(TINY + ["--out-dir", str(out)])
+    return out
+
+
+def lora_of(model, rank=4):
+    tuned = GPT(model.config)
+    tuned.load_state_dict(model.state_dict())
+    return add_lora(tuned, rank)
+
+
+def nudge(model):
+    """Move every adapter tensor off its start, as training would."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+def test_lora_at_step_0_is_the_base_model_exactly(model):
+    idx = torch.randint(model.config.vocab_size, (2, 12))
+    tuned = lora_of(model).eval()
+    assert torch.equal(tuned(idx)[0], model(idx)[0])
+    assert sum(isinstance(m, LoRALinear) for m in tuned.modules()) == 4 * model.config.n_layer
+    nudge(tuned)
+    assert not torch.allclose(tuned(idx)[0], model(idx)[0])  # the check above can fail
+
+
+def test_only_the_adapter_gets_gradients(model):
+    tuned = lora_of(model, rank=2)
+    idx = torch.randint(model.config.vocab_size, (2, 12))
+    nudge(tuned)
+    tuned(idx, idx)[1].backward()
+    grads = {n: p.grad for n, p in tuned.named_parameters()}
+    assert all((g is not None) == (n.endswith((".A", ".B"))) for n, g in grads.items())
+    assert all(grads[n].abs().sum() > 0 for n in grads if n.endswith((".A", ".B")))
+    n_train, n_all = trainable(tuned)
+    assert n_train == sum(2 * (m.base.in_features + m.base.out_features) for m in tuned.modules()
+                          if isinstance(m, LoRALinear)) and n_train < 0.1 * n_all
+
+
+def test_merged_weights_write_what_the_adapter_writes(model):
+    tuned = lora_of(model).eval()
+    nudge(tuned)
+    idx = torch.randint(model.config.vocab_size, (3, 10))
+    before, prompts = tuned(idx)[0], [[5, 6, 7], [8, 9]]
+    kw = dict(temperature=0.8, top_k=20, pad_id=0)
+    written = generate(tuned, prompts, 12, generator=torch.Generator().manual_seed(3), **kw)
+    merged = merge(tuned)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    assert set(merged.state_dict()) == set(model.state_dict())  # a plain GPT again: a full checkpoint loads it
+    assert torch.allclose(merged(idx)[0], before, atol=1e-5)
+    assert generate(merged, prompts, 12, generator=torch.Generator().manual_seed(3), **kw) == written
+
+
+@pytest.mark.parametrize("part, trains", [("head", {"tok_emb.weight", "ln_f.weight", "ln_f.bias"}),
+                                          ("last_block", None), ("norms", None)])
+def test_train_only_one_part(model, part, trains):
+    train_only(model, part)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if part == "last_block":
+        trains = {n for n, _ in model.named_parameters() if n.startswith(f"blocks.{model.config.n_layer - 1}.")}
+    if part == "norms":
+        trains = {n for n, _ in model.named_parameters() if ".ln_" in "." + n}
+        assert len(trains) == 2 * (2 * model.config.n_layer + 1)
+    assert names == trains
+
+
+def test_a_fingerprint_moves_with_one_value(model):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = fingerprint(state)
+    state["ln_f.bias"][0] += 1e-6
+    assert fingerprint(state) != before
+
+
+def test_a_lora_run_saves_a_small_adapter_that_loads_on_its_own_base_only(base_run, tmp_path, capsys):
+    out = tmp_path / "lora"
+    train_sft.main(TINY + ["--init-from", str(base_run), "--out-dir", str(out), "--lora-rank", "2"])
+    printed = capsys.readouterr().out
+    assert "tuning " in printed and "adapter: " in printed
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert all(k.endswith((".A", ".B")) for k in ckpt["model"]) and ckpt["adapter"]["tuning"]["lora_rank"] == 2
+    assert os.path.getsize(out / "adapter.pt") < 0.5 * os.path.getsize(base_run / "ckpt.pt")
+    model, _, _ = load_checkpoint(out / "adapter.pt")
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) > 0
+    assert any(ckpt["model"][k].abs().sum() > 0 for k in ckpt["model"] if k.endswith(".B"))  # it learned something
+    # the same adapter on a base whose weights moved is refused in one line
+    moved = torch.load(base_run / "ckpt.pt", weights_only=True)
+    moved["model"]["ln_f.bias"] = moved["model"]["ln_f.bias"] + 0.01
+    other = tmp_path / "other"
+    other.mkdir()
+    save_checkpoint(str(other / "ckpt.pt"), moved)
+    ckpt["adapter"]["base"] = str(other)
+    save_checkpoint(str(tmp_path / "foreign.pt"), ckpt)
+    with pytest.raises(CheckpointError, match="adapter for another base"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    # merged, it is a full checkpoint that writes what the adapter writes
+    from minigpt.lora import main as lora_main
+    lora_main(["--merge", str(out), str(tmp_path / "merged")])
+    full, _, merged_ckpt = load_checkpoint(tmp_path / "merged")
+    assert "adapter" not in merged_ckpt and isinstance(full, GPT)
+    idx = torch.randint(full.config.vocab_size, (2, 9))
+    assert torch.allclose(full.eval()(idx)[0], model.eval()(idx)[0], atol=1e-5)
+
+
+def test_lora_and_train_only_are_refused_where_they_do_not_apply(base_run, tmp_path, capsys):
+    for flags, message in ((["--lora-rank", "2", "--train-only", "head"], "give one"),
+                           (["--lora-rank", "2", "--lora-targets", "attn,ffn"], "--lora-targets takes"),
+                           (["--lora-rank", "2", "--tasks", "poem,persona", "--format", "chat"], "drop --format chat")):
+        with pytest.raises(SystemExit) as e:
+            run(train_sft.main, TINY + ["--init-from", str(base_run), "--out-dir", str(tmp_path / "x"), *flags],
+                "train_sft.py")
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_interrupted_lora_run_resumes_to_the_same_adapter(base_run, tmp_path, monkeypatch):
+    full, part = tmp_path / "full", tmp_path / "part"
+    flags = TINY + ["--init-from", str(base_run)] + LORA_FLAGS
+    train_sft.main(flags + ["--out-dir", str(full)])
+    real, count = SFTData.get_batch, [0]
+
+    def get_batch(self, *args, **kw):
+        count[0] += 1
+        if count[0] == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kw)
+    monkeypatch.setattr(SFTData, "get_batch", get_batch)
+    with pytest.raises(SystemExit) as e:
+        run(train_sft.main, flags + ["--out-dir", str(part)], "train_sft.py")
+    assert e.value.code == 130
+    monkeypatch.undo()
+    train_sft.main(TINY + ["--out-dir", str(part), "--resume"])
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, part))
+    assert a["step"] == b["step"] == 20 and set(a["model"]) == set(b["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_the_side_by_side_rows_and_table():
+    assert [n for n, _ in rows_for([2, 8])] == ["full SFT", "LoRA r2", "LoRA r8", "head only"]
+    table = format_rows([("base", {"trainable": 0.0, "plain_loss": 4.2}),
+                         ("LoRA r2", {"trainable": 0.0084, "steps": 900, "stop": 1.0, "plain_loss": 4.3})])
+    lines = table.splitlines()
+    assert lines[0].split() == ["base", "LoRA", "r2"] and lines[1].split()[-2:] == ["0.00%", "0.84%"]
+    assert any(line.startswith("loss on plain poem text") and line.split()[-2:] == ["4.200", "4.300"] for line in lines)
+    assert any(line.startswith("steps") and line.split()[-2:] == ["—", "900"] for line in lines)
