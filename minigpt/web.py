@@ -79,7 +79,11 @@ def as_page_sees(model, bits=8):
 
 
 def export(model, bits=8):
-    """(meta, bytes): model.py's tensors by name (lm_head is tok_emb: tied, stored once), each at its byte offset."""
+    """(meta, bytes): model.py's tensors by name (lm_head is tok_emb: tied, stored once), each at its byte offset. A
+    LoRA model is exported merged: the page runs plain GPT weights."""
+    from minigpt.lora import LoRALinear, merge
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        model = merge(copy.deepcopy(model))
     blob, tensors = bytearray(), {}
     for name, p in model.state_dict().items():
         if name == "lm_head.weight":

@@ -167,3 +167,14 @@ def test_the_side_by_side_rows_and_table():
     assert lines[0].split() == ["base", "LoRA", "r2"] and lines[1].split()[-2:] == ["0.00%", "0.84%"]
     assert any(line.startswith("loss on plain poem text") and line.split()[-2:] == ["4.200", "4.300"] for line in lines)
     assert any(line.startswith("steps") and line.split()[-2:] == ["—", "900"] for line in lines)
+
+
+def test_the_page_gets_a_lora_model_as_plain_merged_weights(model):
+    from minigpt.web import export
+    tuned = lora_of(model)
+    nudge(tuned)
+    meta, blob = export(tuned, bits=32)
+    plain_meta, plain_blob = export(merge(lora_of(model)), bits=32)
+    assert meta["tensors"].keys() == plain_meta["tensors"].keys() and len(blob) == len(plain_blob)
+    assert blob != plain_blob  # the adapter's change is in the weights the page runs
+    assert any(isinstance(m, LoRALinear) for m in tuned.modules())  # the model itself is left as it was
