@@ -82,13 +82,13 @@ def load_checkpoint(path, device="cpu", made_by="python train_pretrain.py"):
     return model.to(device), tokenizer, ckpt
 
 
-def on_its_base(path, ckpt, device="cpu", base=None):
-    """The model of an adapter checkpoint: its base (ckpt['adapter']['base'], or base, a run folder or checkpoint
-    file), checked against the fingerprint it was trained on, with the adapter's tuning applied and its tensors
-    loaded. A base of other weights is refused: the adapter's numbers mean nothing on it."""
+def on_its_base(path, ckpt, device="cpu"):
+    """The model of an adapter checkpoint: its base (ckpt['adapter']['base'], a run folder or checkpoint file),
+    checked against the fingerprint it was trained on, with the adapter's tuning applied and its tensors loaded. A
+    base of other weights is refused: the adapter's numbers mean nothing on it."""
     from minigpt.lora import fingerprint, load_trained, prepare
     meta = ckpt["adapter"]
-    base_path = base or meta["base"]
+    base_path = meta["base"]
     model, _, _ = load_checkpoint(base_path, device)
     if fingerprint(model.state_dict()) != meta["fingerprint"]:
         raise CheckpointError(f"{path} is an adapter for another base than {checkpoint_path(base_path)} (its weights "

@@ -3,7 +3,7 @@ it: y = W x + (alpha / r) B A x, A (r, in) and B (out, r), B zero at the start, 
 exactly. The simpler ways to freeze most of the model (only the head, the last block, the norms) are here too.
 What a run of either kind saves is its adapter: the trained tensors alone, with the fingerprint of its base.
 
-    python -m minigpt.lora --minutes 4        # full SFT, LoRA at three ranks, head only: one table, same minutes
+    python -m minigpt.lora                    # full SFT, LoRA at ranks 2 and 8, head only: 4.5 minutes each, one table
     python -m minigpt.lora --merge runs/sft_lora runs/sft_lora_merged   # the adapter folded into a full checkpoint
 """
 import argparse
@@ -47,7 +47,7 @@ class LoRALinear(nn.Module):
 
 
 def _modules(model, targets):
-    """(block, attribute path, nn.Linear) for each target projection of every block."""
+    """(module, attribute name) of each target projection of every block: getattr(module, name) is the nn.Linear."""
     for block in model.blocks:
         for target in targets:
             for path in TARGETS[target]:
@@ -136,16 +136,15 @@ def rows_for(ranks, part="head"):
             + ([(f"{part} only", ["--train-only", part])] if part else []))
 
 
-def run_row(flags, out_dir, minutes, init_from):
+def run_row(flags, out_dir, minutes, init_from, corpus):
     """train_sft.py with these flags in its own process, so that its peak memory is its own: (exit code, peak MB)."""
     import subprocess
-    cmd = [sys.executable, "train_sft.py", "--max-minutes", str(minutes), "--init-from", init_from, "--out-dir", out_dir,
-           "--overwrite", *flags]
+    cmd = [sys.executable, "train_sft.py", "--max-minutes", str(minutes), "--init-from", init_from, "--corpus", corpus,
+           "--out-dir", out_dir, "--overwrite", *flags]
     print("$ " + " ".join(cmd[1:]), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024  # Linux gives kilobytes
+    _, status, usage = os.wait4(proc.pid, 0)  # the child's own resource use, peak memory included
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024  # Linux gives kilobytes
 
 
 def row_figures(out_dir, model, plain_val, device="cpu"):
@@ -163,7 +162,8 @@ def row_figures(out_dir, model, plain_val, device="cpu"):
             "minutes": evals[-1]["elapsed_s"] / 60, "saved_kb": os.path.getsize(saved) / 1024,
             "optimizer_kb": 2 * 4 * n_train / 1024,  # AdamW's two moments, float32
             "stop": final["stop_rate"], "regular": final["regular_rate"], "rhyme": final.get("rhyme_rate"),
-            "title_lift": final.get("relevance_lift"), "plain_loss": evaluate_loss(model, plain_val, device)}
+            "title_lift": 100 * final["relevance_lift"],  # a share in final.json, points here
+            "plain_loss": evaluate_loss(model, plain_val, device)}
 
 
 COLUMNS = (("trainable", "trainable share", "{:.2%}"), ("steps", "steps", "{:d}"), ("step_ms", "ms a step", "{:.0f}"),
@@ -191,7 +191,7 @@ def main(argv=None):
     p.add_argument("--ranks", default="2,8", help="the LoRA ranks, comma-separated")
     p.add_argument("--init-from", default=os.path.join("runs", "pretrain"), help="the pretrained run every row starts from")
     p.add_argument("--out-dir", default=os.path.join("runs", "tuning"), help="a folder per row, and table.txt")
-    p.add_argument("--corpus", default=None, help="the corpus (default: the project's)")
+    p.add_argument("--corpus", default=None, help="the corpus every row trains on (default: the project's)")
     args = p.parse_args(argv)
     from minigpt.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
     if args.merge:
@@ -218,14 +218,15 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     from minigpt.data import DEFAULT_CORPUS, PretrainData, load_poems, split_poems
-    splits = split_poems(load_poems(args.corpus or DEFAULT_CORPUS))
+    corpus = args.corpus or DEFAULT_CORPUS
+    splits = split_poems(load_poems(corpus))
     plain_val = PretrainData(splits, tokenizer).val_batches(40, 32, base.config.block_size)
     from minigpt.loss_eval import evaluate_loss
     rows = [("base (pretrained)", {"trainable": 0.0, "plain_loss": evaluate_loss(base, plain_val, "cpu"),
                                    "saved_kb": os.path.getsize(checkpoint_path(args.init_from)) / 1024})]
     for name, flags in rows_for(ranks):
         out = os.path.join(args.out_dir, name.split()[0].lower() + "".join(name.split()[1:]))
-        code, peak = run_row(flags, out, args.minutes, args.init_from)
+        code, peak = run_row(flags, out, args.minutes, args.init_from, corpus)
         if code:
             print(f"error: {name} ended with exit code {code}; run its command above to see why", file=sys.stderr)
             raise SystemExit(code)

@@ -383,6 +383,7 @@ class Run:
                 "val_loss": self.last_eval.get("val_loss"), "rng": {**rng, "data": self.data_gen.get_state()}})
         self.saved_step = self.step
 
+
 def saved_state(model):
     """What a checkpoint keeps of the model: its state_dict, or where part of it is frozen (LoRA, --train-only) only
     the tensors that train, an adapter for the base the checkpoint names (minigpt.checkpoint.on_its_base)."""

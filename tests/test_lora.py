@@ -178,3 +178,20 @@ def test_the_page_gets_a_lora_model_as_plain_merged_weights(model):
     assert meta["tensors"].keys() == plain_meta["tensors"].keys() and len(blob) == len(plain_blob)
     assert blob != plain_blob  # the adapter's change is in the weights the page runs
     assert any(isinstance(m, LoRALinear) for m in tuned.modules())  # the model itself is left as it was
+
+
+def test_a_rows_figures_come_from_its_log_and_final_table(model, tmp_path):
+    import json
+    from minigpt.lora import row_figures
+    with open(tmp_path / "log.jsonl", "w", encoding="utf-8") as f:
+        for r in ({"kind": "train", "step": 10, "step_ms": 200.0}, {"kind": "train", "step": 20, "step_ms": 300.0},
+                  {"kind": "eval", "step": 20, "elapsed_s": 120.0}):
+            f.write(json.dumps(r) + "\n")
+    final = {"stop_rate": 1.0, "regular_rate": 0.97, "rhyme_rate": 0.5, "relevance_lift": 0.185}
+    json.dump({"fine-tuned": final}, open(tmp_path / "final.json", "w", encoding="utf-8"))
+    (tmp_path / "ckpt.pt").write_bytes(b"x" * 2048)
+    x = torch.randint(model.config.vocab_size, (2, 8))
+    got = row_figures(tmp_path, lora_of(model, rank=2), [(x, x)])
+    assert got["step_ms"] == 250.0 and got["steps"] == 20 and got["minutes"] == 2.0 and got["saved_kb"] == 2.0
+    assert got["title_lift"] == pytest.approx(18.5)  # a share in the final table, points in this one
+    assert 0 < got["trainable"] < 0.2 and got["stop"] == 1.0 and got["plain_loss"] > 0
