@@ -9,6 +9,7 @@
 Every few steps it prints, for the same titles, what the model answers and whether it stopped at <END>, and the
 behaviour on val titles; test titles appear only in the final table.
 """
+import argparse
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ from minigpt.checkpoint import checkpoint_path, grow_vocab, load_checkpoint, sav
 from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, load_poems, split_poems
 from minigpt.evaluate import compare, eval_set, format_table, loss_batches, measure, table_note, val_sample, write_answers
 from minigpt.generate import write
-from minigpt.lora import TRAIN_ONLY, adapter_state, fingerprint, prepare, trainable
+from minigpt.lora import TRAIN_ONLY, adapter_state, fingerprint, new_token_ids, prepare, trainable
 from minigpt.metrics import Yardstick
 from minigpt.model import GPT, GPTConfig
 from minigpt.plot import plot_behaviour, plot_losses, plot_refusal, plot_tasks
@@ -46,6 +47,7 @@ class SFTSettings:
     lora_alpha: float = 0.0  # LoRA's scale is alpha / rank; 0: alpha = 2 x rank
     lora_targets: str = "attn,mlp"  # which projections of each block LoRA adapts (minigpt.lora.TARGETS)
     train_only: str = ""  # head, last_block or norms: only that part trains (minigpt.lora.TRAIN_ONLY)
+    new_rows: bool = True  # with either: the table's rows of the tokens pretraining never saw (<END> ...) train too
 
     def __post_init__(self):
         for name in ("eval_titles", "max_new_tokens", "task_examples"):
@@ -56,11 +58,11 @@ class SFTSettings:
         if self.lora_rank and self.train_only:
             raise ValueError("--lora-rank and --train-only are two ways to tune a part of the model; give one")
 
-    @property
-    def tuning(self):
+    def tuning(self, tokenizer):
         """How much of the model trains, as minigpt.lora.prepare reads it (all off: every parameter)."""
+        rows = new_token_ids(tokenizer) if self.partial and self.new_rows and self.train_only != "head" else []
         return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_targets": self.lora_targets,
-                "train_only": self.train_only}
+                "train_only": self.train_only, "token_rows": rows, "vocab_size": tokenizer.vocab_size}
 
     @property
     def partial(self):
@@ -129,6 +131,8 @@ def parse_args(argv):
     tune.add_argument("--lora-targets", help="comma-separated: attn (qkv, proj), mlp (fc, proj); default attn,mlp")
     tune.add_argument("--train-only", choices=sorted(TRAIN_ONLY), help="only this part trains: head (tied to the "
                       "embedding), last_block, norms")
+    tune.add_argument("--new-rows", action=argparse.BooleanOptionalAction, help="with either, the embedding's rows of "
+                      "the tokens pretraining never saw (<END>, <INS>, <INP>, <RES>, the chat roles) train too (default: yes)")
     args = parser.parse_args(argv)
     args.out_dir = args.out_dir or default_out_dir(args.tasks, args.format)
     return args
@@ -153,16 +157,13 @@ def start(args, settings):
     dropout = base_ckpt["model_config"]["dropout"] if args.dropout is None else args.dropout
     model = GPT(cli.model_config(GPTConfig, **{**base_ckpt["model_config"], "dropout": dropout}))
     model.load_state_dict(base.state_dict())
-    try:
-        prepare(model, settings.tuning)
-    except ValueError as e:
-        raise cli.UsageError(str(e)) from None
     return model, base, tokenizer, base_ckpt, dataclasses.replace(settings, init_from=os.path.abspath(settings.init_from)), None
 
 
-def adapter_meta(base, settings):
-    """What a checkpoint of a partly frozen run says about its base: where it is, its fingerprint, the tuning."""
-    return {"base": settings.init_from, "fingerprint": fingerprint(base.state_dict()), "tuning": settings.tuning}
+def adapter_meta(base, settings, tokenizer):
+    """What a checkpoint of a partly frozen run says about its base: where it is, its fingerprint (taken once the chat
+    roles have joined its vocabulary), the tuning."""
+    return {"base": settings.init_from, "fingerprint": fingerprint(base.state_dict()), "tuning": settings.tuning(tokenizer)}
 
 
 def save_adapter(out_dir, model, extra, step):
@@ -213,13 +214,15 @@ def main(argv=None):
     chat = settings.format == "chat"
     splits = split_poems(load_poems(args.corpus))
     cli.check_vocabulary(tokenizer, splits["train"], chat, settings.init_from, args.corpus)
-    if chat and settings.partial:
-        raise cli.UsageError("--lora-rank and --train-only tune the ins format (the default): the chat format's new "
-                             "role markers need new rows of the embedding to train; drop --format chat")
     if chat:  # the role markers join the vocabulary; the base model gets them too, to be given the same prompts
         tokenizer = tokenizer.with_roles()
         model, base = (m if m.config.vocab_size == tokenizer.vocab_size else grow_vocab(m, tokenizer.vocab_size)
                        for m in (model, base))
+    if not resumed:  # LoRA or one part alone: freeze the rest (a resumed run comes back prepared)
+        try:
+            prepare(model, settings.tuning(tokenizer))
+        except ValueError as e:
+            raise cli.UsageError(str(e)) from None
     fmt, poem_fmt = (CHAT, CHAT_POEM) if chat else (TITLE_TO_POEM, TITLE_TO_POEM)
     T, yard = model.config.block_size, Yardstick(splits["train"])
     data = task_data(splits["train"], tokenizer, T, tasks, yard.rhyme_groups, fmt)
@@ -247,11 +250,13 @@ def main(argv=None):
     extra_ckpt = {"stage": "sft", "model_config": model.config.__dict__.copy(), "tokenizer": tokenizer.to_list(),
                   "settings": asdict(settings)}
     if settings.partial:  # the checkpoint holds only what trains; it names its base
-        extra_ckpt["adapter"] = adapter_meta(base, settings)
+        extra_ckpt["adapter"] = adapter_meta(base, settings, tokenizer)
         n_train, n_all = trainable(model)
+        rows = extra_ckpt["adapter"]["tuning"]["token_rows"]
         print(f"tuning {n_train:,} of {n_all:,} parameters ({n_train / n_all:.2%}): "
               + (f"LoRA rank {settings.lora_rank} on {settings.lora_targets}" if settings.lora_rank
-                 else f"only the {settings.train_only}"))
+                 else f"only the {settings.train_only}")
+              + (f", and the rows of the {len(rows)} tokens pretraining never saw" if rows else ""))
     result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, tokenizer.pad_id, g, settings.train_on_prompt),
                    val["poem"], args.out_dir, extra_ckpt, sample=sample, metrics=metrics, on_event=cli.print_event,
                    device=device, resume_from=resumed)

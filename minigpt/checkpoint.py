@@ -90,6 +90,9 @@ def on_its_base(path, ckpt, device="cpu"):
     meta = ckpt["adapter"]
     base_path = meta["base"]
     model, _, _ = load_checkpoint(base_path, device)
+    vocab_size = meta["tuning"].get("vocab_size", model.config.vocab_size)
+    if vocab_size > model.config.vocab_size:  # a chat adapter: the base gets the role rows it was trained with
+        model = grow_vocab(model, vocab_size)
     if fingerprint(model.state_dict()) != meta["fingerprint"]:
         raise CheckpointError(f"{path} is an adapter for another base than {checkpoint_path(base_path)} (its weights "
                               f"differ from those it was trained on); pass the base it was made from")

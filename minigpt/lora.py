@@ -14,6 +14,7 @@ import zlib
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 TARGETS = {"attn": ("attn.qkv", "attn.proj"), "mlp": ("mlp.fc", "mlp.proj")}  # the projections LoRA may adapt
 TRAIN_ONLY = {  # the simple alternatives: which parameters train, by name
@@ -44,6 +45,51 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             lin.weight += self.scale * self.B @ self.A  # (out, r) @ (r, in) -> (out, in)
         return lin.to(self.base.weight.device)
+
+
+class TokenRows(nn.Module):
+    """The frozen token table with a few of its rows trained: the tokens pretraining never saw (<END>, <INS>, <INP>,
+    <RES>, the chat roles). Frozen, their rows stay where pretraining left them, and no low-rank change inside the
+    blocks can make the model write <END> in a few minutes. Reading a token (the embedding) and writing one (the tied
+    head) both see the trained rows."""
+
+    def __init__(self, table, ids):
+        super().__init__()
+        self.table = table.requires_grad_(False)  # nn.Embedding (V, C)
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=table.weight.device), persistent=False)
+        self.rows = nn.Parameter(table.weight[self.ids].detach().clone())  # (k, C)
+
+    @property
+    def weight(self):
+        """(V, C): the frozen table with the trained rows written in."""
+        return self.table.weight.index_put((self.ids,), self.rows)
+
+    def forward(self, idx):
+        return F.embedding(idx, self.weight)  # (B, T) -> (B, T, C)
+
+
+class TiedHead(nn.Module):
+    """The LM head reading the same table as TokenRows, trained rows included: logits = x W^T, (B, T, C) -> (B, T, V)."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.__dict__["rows"] = rows  # not a submodule: its tensors belong to tok_emb, and are saved there once
+
+    def forward(self, x):
+        return F.linear(x, self.rows.weight)
+
+
+def train_rows(model, ids):
+    """Let the rows of these token ids train (TokenRows on the embedding and the tied head); in place."""
+    model.tok_emb = TokenRows(model.tok_emb, ids)
+    model.lm_head = TiedHead(model.tok_emb)
+    return model
+
+
+def new_token_ids(tokenizer):
+    """The ids of the tokens pretraining never saw: the special tokens, and the chat roles when the vocabulary has them."""
+    from minigpt.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS
+    return [tokenizer.stoi[t] for t in SPECIAL_TOKENS + CHAT_TOKENS if t in tokenizer.stoi]
 
 
 def _modules(model, targets):
@@ -80,11 +126,14 @@ def train_only(model, part):
 
 
 def prepare(model, tuning):
-    """Apply a run's tuning settings, {lora_rank, lora_alpha, lora_targets, train_only} (all off: full tuning)."""
+    """Apply a run's tuning settings, {lora_rank, lora_alpha, lora_targets, train_only, token_rows} (all off: full
+    tuning). token_rows: the ids whose rows of the token table train too (none when the whole table trains)."""
     if tuning.get("lora_rank"):
-        return add_lora(model, tuning["lora_rank"], tuning.get("lora_alpha"), tuple(tuning["lora_targets"].split(",")))
-    if tuning.get("train_only"):
-        return train_only(model, tuning["train_only"])
+        add_lora(model, tuning["lora_rank"], tuning.get("lora_alpha"), tuple(tuning["lora_targets"].split(",")))
+    elif tuning.get("train_only"):
+        train_only(model, tuning["train_only"])
+    if tuning.get("token_rows") and not model.tok_emb.weight.requires_grad:
+        train_rows(model, tuning["token_rows"])
     return model
 
 
@@ -119,7 +168,15 @@ def fingerprint(state):
 
 
 def merge(model):
-    """The model with every LoRALinear folded back into a plain nn.Linear, everything trainable again; in place."""
+    """The model with every LoRALinear folded back into a plain nn.Linear and the trained token rows written into the
+    table (tied to the head again), everything trainable again; in place."""
+    if isinstance(model.tok_emb, TokenRows):
+        table = model.tok_emb.table
+        with torch.no_grad():
+            table.weight[model.tok_emb.ids] = model.tok_emb.rows
+        model.tok_emb = table
+        model.lm_head = nn.Linear(table.embedding_dim, table.num_embeddings, bias=False)
+        model.lm_head.weight = table.weight  # tied again, as model.py ties them
     for block in model.blocks:
         for parent in (block.attn, block.mlp):
             for attr, child in list(parent.named_children()):
@@ -131,8 +188,10 @@ def merge(model):
 # ---- side by side: every way of tuning, the same minutes, one table ----
 
 def rows_for(ranks, part="head"):
-    """(name, train_sft.py flags) of each row: full SFT, LoRA at each rank, one part alone."""
-    return ([("full SFT", [])] + [(f"LoRA r{r}", ["--lora-rank", str(r)]) for r in ranks]
+    """(name, train_sft.py flags) of each row: full SFT, LoRA at each rank, LoRA at the largest rank with the new
+    tokens' rows frozen (what goes wrong without them), one part alone."""
+    frozen = [(f"LoRA r{max(ranks)}, rows frozen", ["--lora-rank", str(max(ranks)), "--no-new-rows"])] if ranks else []
+    return ([("full SFT", [])] + [(f"LoRA r{r}", ["--lora-rank", str(r)]) for r in ranks] + frozen
             + ([(f"{part} only", ["--train-only", part])] if part else []))
 
 
@@ -225,7 +284,7 @@ def main(argv=None):
     rows = [("base (pretrained)", {"trainable": 0.0, "plain_loss": evaluate_loss(base, plain_val, "cpu"),
                                    "saved_kb": os.path.getsize(checkpoint_path(args.init_from)) / 1024})]
     for name, flags in rows_for(ranks):
-        out = os.path.join(args.out_dir, name.split()[0].lower() + "".join(name.split()[1:]))
+        out = os.path.join(args.out_dir, "".join(c for c in name.lower() if c.isalnum()))  # "LoRA r8" -> lorar8
         code, peak = run_row(flags, out, args.minutes, args.init_from, corpus)
         if code:
             print(f"error: {name} ended with exit code {code}; run its command above to see why", file=sys.stderr)

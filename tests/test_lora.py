@@ -12,7 +12,8 @@ from minigpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from minigpt.cli import run
 from minigpt.data import SFTData
 from minigpt.generate import generate
-from minigpt.lora import (LoRALinear, add_lora, fingerprint, format_rows, merge, rows_for, train_only, trainable)
+from minigpt.lora import (LoRALinear, TokenRows, add_lora, fingerprint, format_rows, merge, rows_for, train_only,
+                          train_rows, trainable)
 from minigpt.model import GPT
 from tests.conftest import FIXTURE_CORPUS
 
@@ -27,10 +28,11 @@ def base_run(tmp_path_factory):
     return out
 
 
-def lora_of(model, rank=4):
+def lora_of(model, rank=4, rows=()):
     tuned = GPT(model.config)
     tuned.load_state_dict(model.state_dict())
-    return add_lora(tuned, rank)
+    add_lora(tuned, rank)
+    return train_rows(tuned, list(rows)) if rows else tuned
 
 
 def nudge(model):
@@ -63,8 +65,32 @@ def test_only_the_adapter_gets_gradients(model):
                           if isinstance(m, LoRALinear)) and n_train < 0.1 * n_all
 
 
+def test_token_rows_train_alone_and_both_ends_of_the_tied_table_read_them(model):
+    ids = [2, 3]
+    tuned = lora_of(model, rank=2, rows=ids)
+    idx = torch.tensor([[3, 7, 8, 9, 10]])
+    assert torch.equal(tuned.eval()(idx)[0], model.eval()(idx)[0])  # the rows start where the base has them
+    tuned(idx, idx)[1].backward()
+    rows = tuned.tok_emb.rows
+    assert rows.shape == (2, model.config.n_embd) and rows.grad.abs().sum() > 0
+    assert tuned.tok_emb.table.weight.grad is None and not tuned.tok_emb.table.weight.requires_grad
+    n_train, _ = trainable(tuned)
+    assert n_train == rows.numel() + sum(m.A.numel() + m.B.numel() for m in tuned.modules() if isinstance(m, LoRALinear))
+    with torch.no_grad():
+        rows[0] += 1.0  # token 2's row: the head writes it differently, every other column stays
+    logits = tuned(torch.tensor([[7, 8, 9]]))[0]
+    plain = model(torch.tensor([[7, 8, 9]]))[0]
+    assert not torch.allclose(logits[..., 2], plain[..., 2]) and torch.allclose(logits[..., 3:], plain[..., 3:])
+    with torch.no_grad():
+        rows[1] += 1.0  # token 3's row: reading it changes what follows
+    assert not torch.allclose(tuned(idx)[0][..., 3:], model(idx)[0][..., 3:])
+    merged = merge(tuned)
+    assert not isinstance(merged.tok_emb, TokenRows) and merged.lm_head.weight is merged.tok_emb.weight
+    assert torch.equal(merged.tok_emb.weight[2], rows[0].detach()) and torch.equal(merged.tok_emb.weight[9], model.tok_emb.weight[9])
+
+
 def test_merged_weights_write_what_the_adapter_writes(model):
-    tuned = lora_of(model).eval()
+    tuned = lora_of(model, rows=[2, 5]).eval()
     nudge(tuned)
     idx = torch.randint(model.config.vocab_size, (3, 10))
     before, prompts = tuned(idx)[0], [[5, 6, 7], [8, 9]]
@@ -103,7 +129,9 @@ def test_a_lora_run_saves_a_small_adapter_that_loads_on_its_own_base_only(base_r
     printed = capsys.readouterr().out
     assert "tuning " in printed and "adapter: " in printed
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert all(k.endswith((".A", ".B")) for k in ckpt["model"]) and ckpt["adapter"]["tuning"]["lora_rank"] == 2
+    assert all(k.endswith((".A", ".B")) or k == "tok_emb.rows" for k in ckpt["model"])
+    assert ckpt["adapter"]["tuning"]["lora_rank"] == 2 and ckpt["adapter"]["tuning"]["token_rows"] == [0, 1, 2, 3, 4, 5]
+    assert ckpt["model"]["tok_emb.rows"].shape[0] == 6
     assert os.path.getsize(out / "adapter.pt") < 0.5 * os.path.getsize(base_run / "ckpt.pt")
     model, _, _ = load_checkpoint(out / "adapter.pt")
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) > 0
@@ -130,11 +158,25 @@ def test_a_lora_run_saves_a_small_adapter_that_loads_on_its_own_base_only(base_r
 def test_lora_and_train_only_are_refused_where_they_do_not_apply(base_run, tmp_path, capsys):
     for flags, message in ((["--lora-rank", "2", "--train-only", "head"], "give one"),
                            (["--lora-rank", "2", "--lora-targets", "attn,ffn"], "--lora-targets takes"),
-                           (["--lora-rank", "2", "--tasks", "poem,persona", "--format", "chat"], "drop --format chat")):
+                           (["--lora-rank", "0", "--lora-alpha", "-1"], "must not be negative")):
         with pytest.raises(SystemExit) as e:
             run(train_sft.main, TINY + ["--init-from", str(base_run), "--out-dir", str(tmp_path / "x"), *flags],
                 "train_sft.py")
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_chat_lora_run_trains_the_role_rows_and_loads_on_its_grown_base(base_run, tmp_path):
+    out = tmp_path / "chat"
+    train_sft.main(TINY + ["--init-from", str(base_run), "--out-dir", str(out), "--tasks", "poem,persona",
+                           "--format", "chat"] + LORA_FLAGS)
+    ckpt = torch.load(out / "adapter.pt", weights_only=True)
+    tuning = ckpt["adapter"]["tuning"]
+    base, _, _ = load_checkpoint(base_run)
+    assert tuning["vocab_size"] == base.config.vocab_size + 6 and len(tuning["token_rows"]) == 12  # 6 special, 6 chat
+    model, tokenizer, _ = load_checkpoint(out / "adapter.pt")
+    assert model.config.vocab_size == tokenizer.vocab_size == tuning["vocab_size"]
+    assert torch.equal(model.tok_emb.rows, ckpt["model"]["tok_emb.rows"])
+    assert not torch.equal(model.tok_emb.rows[-1], base.tok_emb.weight.mean(0))  # the new rows learned
 
 
 def test_an_interrupted_lora_run_resumes_to_the_same_adapter(base_run, tmp_path, monkeypatch):
@@ -160,7 +202,8 @@ def test_an_interrupted_lora_run_resumes_to_the_same_adapter(base_run, tmp_path,
 
 
 def test_the_side_by_side_rows_and_table():
-    assert [n for n, _ in rows_for([2, 8])] == ["full SFT", "LoRA r2", "LoRA r8", "head only"]
+    assert [n for n, _ in rows_for([2, 8])] == ["full SFT", "LoRA r2", "LoRA r8", "LoRA r8, rows frozen", "head only"]
+    assert dict(rows_for([2, 8]))["LoRA r8, rows frozen"] == ["--lora-rank", "8", "--no-new-rows"]
     table = format_rows([("base", {"trainable": 0.0, "plain_loss": 4.2}),
                          ("LoRA r2", {"trainable": 0.0084, "steps": 900, "stop": 1.0, "plain_loss": 4.3})])
     lines = table.splitlines()
