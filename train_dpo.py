@@ -29,6 +29,7 @@ from minigpt.dpo import TRAIN_PAIRS_CHECKED, dpo_loss, fill_reference, margin_pa
     preference_metrics
 from minigpt.evaluate import eval_set, format_table, loss_batches, measure, reference, table_note, val_sample, \
     write_answers
+from minigpt.lora import Tuning, add_tuning_flags, adapter_meta, plain, prepare, save_adapter
 from minigpt.metrics import PREFERENCES, Yardstick, mark
 from minigpt.model import GPT
 from minigpt.pairs import dpo_prompts, ending_pairs, load_pairs, make_pairs, save_pairs, title_pairs
@@ -42,8 +43,9 @@ DEMO_TITLES = ["春夜喜雨", "靜夜思", "秋日登樓", "送友人"]
 
 
 @dataclass
-class DPOSettings:
-    """What preference tuning adds to the training settings; kept whole in the checkpoint."""
+class DPOSettings(Tuning):
+    """What preference tuning adds to the training settings (and Tuning's, how much of the model trains); kept whole
+    in the checkpoint."""
     init_from: str = os.path.join("runs", "sft")  # the fine-tuned run: the start, the reference and the pairs' writer
     prefer: str = "rhyme"  # a key of PREFERENCES
     pairs: str = None  # ending or whole (None: ending for rhyme, whole for the others)
@@ -72,6 +74,7 @@ class DPOSettings:
             raise ValueError(f"--pairs ending pairs rhyming line endings; for --prefer {self.prefer} pass --pairs whole")
         if self.pairs == "char" and self.prefer != "title":
             raise ValueError(f"--pairs char puts a title character in; for --prefer {self.prefer} pass --pairs whole")
+        super().__post_init__()
 
 
 PRESETS = {
@@ -125,6 +128,7 @@ def parse_args(argv):
     parser.add_argument("--test-titles", type=int, help="test titles in the final table (at most every one the split has: "
                         "the relevance lift of 200 titles moves by about 4.5 points from chance alone)")
     parser.add_argument("--max-new-tokens", type=int, help="longest answer when sampling and measuring")
+    add_tuning_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -144,10 +148,14 @@ def start(args, settings):
     # no dropout: at step 0 the policy must be the reference exactly (log-probabilities equal, the loss log 2), and the
     # reference is measured without it
     model = GPT(dataclasses.replace(ref.config, dropout=0.0))
-    model.load_state_dict(ref.state_dict())
+    model.load_state_dict(plain(ref).state_dict())  # an SFT adapter starts the policy merged
     settings = dataclasses.replace(settings, init_from=os.path.abspath(settings.init_from),
                                    tasks=settings_of(ref_ckpt).get("tasks", "poem"),
                                    format=settings_of(ref_ckpt).get("format", "ins"))
+    try:
+        prepare(model, settings.tuning(tokenizer))  # LoRA or one part alone: the rest frozen
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
     return model, ref, tokenizer, ref_ckpt, settings, None
 
 
@@ -264,6 +272,9 @@ def main(argv=None):
 
     extra_ckpt = {"stage": "dpo", "model_config": model.config.__dict__.copy(), "tokenizer": tokenizer.to_list(),
                   "settings": asdict(settings)}
+    if settings.partial:  # the checkpoint holds only what trains; it names its base, the reference
+        extra_ckpt["adapter"] = adapter_meta(plain(ref), settings.init_from, settings.tuning(tokenizer))
+        print(settings.describe(model, extra_ckpt["adapter"]["tuning"]["token_rows"]))
     real = task_data(splits["train"], tokenizer, T, (single_poem_task("regular"),), yard.rhyme_groups, fmt) \
         if settings.sft_weight else None
 
@@ -278,6 +289,9 @@ def main(argv=None):
                    loss_fn=lambda m, batch: dpo_loss(m, batch, settings.beta, settings.sft_weight))
     if not cli.is_lead():
         return result
+    if settings.partial:
+        size = save_adapter(args.out_dir, model, extra_ckpt, result["step"])
+        print(f"adapter: {args.out_dir}/adapter.pt, {size / 1024:,.0f} KB; it loads on {settings.init_from}")
     columns = final_table(args.out_dir, model.to(device), ref, ref_ckpt, tokenizer, splits, yard, settings, fmt, poem_fmt,
                           val, pairs, counts, val_pairs, whole, result)
     return {**result, "columns": columns}

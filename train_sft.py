@@ -9,18 +9,17 @@
 Every few steps it prints, for the same titles, what the model answers and whether it stopped at <END>, and the
 behaviour on val titles; test titles appear only in the final table.
 """
-import argparse
 import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass
 
 from minigpt import cli
-from minigpt.checkpoint import checkpoint_path, grow_vocab, load_checkpoint, save_checkpoint
+from minigpt.checkpoint import checkpoint_path, grow_vocab, load_checkpoint
 from minigpt.data import DEFAULT_CORPUS, TITLE_TO_POEM, load_poems, split_poems
 from minigpt.evaluate import compare, eval_set, format_table, loss_batches, measure, table_note, val_sample, write_answers
 from minigpt.generate import write
-from minigpt.lora import TRAIN_ONLY, adapter_state, fingerprint, new_token_ids, prepare, trainable
+from minigpt.lora import Tuning, add_tuning_flags, adapter_meta, prepare, save_adapter
 from minigpt.metrics import Yardstick
 from minigpt.model import GPT, GPTConfig
 from minigpt.plot import plot_behaviour, plot_losses, plot_refusal, plot_tasks
@@ -33,8 +32,9 @@ DEMO_TITLES = ["春夜喜雨", "靜夜思"]  # plus the first two val titles
 
 
 @dataclass
-class SFTSettings:
-    """What instruction tuning adds to the training settings; kept whole in the checkpoint."""
+class SFTSettings(Tuning):
+    """What instruction tuning adds to the training settings (and Tuning's, how much of the model trains); kept whole
+    in the checkpoint."""
     init_from: str = os.path.join("runs", "pretrain")  # the pretrained run (an absolute path once saved)
     data: str = "regular"  # for title -> poem: which poems answer (SINGLE_POEM_DATA)
     train_on_prompt: bool = False
@@ -43,30 +43,11 @@ class SFTSettings:
     tasks: str = "poem"  # poem: title -> poem with one instruction; else a mix of tasks, each in several phrasings
     task_examples: int = 30  # val examples per task measured at every eval (several tasks only)
     format: str = "ins"  # ins: <INS>...<INP>...<RES>...<END>; chat: the role markers
-    lora_rank: int = 0  # 0: every parameter trains; else LoRA of this rank on lora_targets, the rest frozen
-    lora_alpha: float = 0.0  # LoRA's scale is alpha / rank; 0: alpha = 2 x rank
-    lora_targets: str = "attn,mlp"  # which projections of each block LoRA adapts (minigpt.lora.TARGETS)
-    train_only: str = ""  # head, last_block or norms: only that part trains (minigpt.lora.TRAIN_ONLY)
-    new_rows: bool = True  # with either: the table's rows of the tokens pretraining never saw (<END> ...) train too
-
     def __post_init__(self):
         for name in ("eval_titles", "max_new_tokens", "task_examples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lora_rank < 0 or self.lora_alpha < 0:
-            raise ValueError("--lora-rank and --lora-alpha must not be negative")
-        if self.lora_rank and self.train_only:
-            raise ValueError("--lora-rank and --train-only are two ways to tune a part of the model; give one")
-
-    def tuning(self, tokenizer):
-        """How much of the model trains, as minigpt.lora.prepare reads it (all off: every parameter)."""
-        rows = new_token_ids(tokenizer) if self.partial and self.new_rows and self.train_only != "head" else []
-        return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_targets": self.lora_targets,
-                "train_only": self.train_only, "token_rows": rows, "vocab_size": tokenizer.vocab_size}
-
-    @property
-    def partial(self):
-        return bool(self.lora_rank or self.train_only)
+        super().__post_init__()
 
     @property
     def several(self):
@@ -125,14 +106,7 @@ def parse_args(argv):
     parser.add_argument("--format", choices=["ins", "chat"], default="ins",
                         help="ins: <INS>instruction<INP>input<RES>answer<END>; chat: <SYS>system<EOT><USR>user<EOT><AST>answer<EOT>, "
                              "the role markers and the quote marks 「」 six new ids (the embedding grows by six rows)")
-    tune = parser.add_argument_group("tuning a part of the model (minigpt.lora; default: every parameter trains)")
-    tune.add_argument("--lora-rank", type=int, help="LoRA of this rank on --lora-targets; the base stays frozen")
-    tune.add_argument("--lora-alpha", type=float, help="LoRA's scale is alpha / rank (default: alpha = 2 x rank)")
-    tune.add_argument("--lora-targets", help="comma-separated: attn (qkv, proj), mlp (fc, proj); default attn,mlp")
-    tune.add_argument("--train-only", choices=sorted(TRAIN_ONLY), help="only this part trains: head (tied to the "
-                      "embedding), last_block, norms")
-    tune.add_argument("--new-rows", action=argparse.BooleanOptionalAction, help="with either, the embedding's rows of "
-                      "the tokens pretraining never saw (<END>, <INS>, <INP>, <RES>, the chat roles) train too (default: yes)")
+    add_tuning_flags(parser)
     args = parser.parse_args(argv)
     args.out_dir = args.out_dir or default_out_dir(args.tasks, args.format)
     return args
@@ -158,19 +132,6 @@ def start(args, settings):
     model = GPT(cli.model_config(GPTConfig, **{**base_ckpt["model_config"], "dropout": dropout}))
     model.load_state_dict(base.state_dict())
     return model, base, tokenizer, base_ckpt, dataclasses.replace(settings, init_from=os.path.abspath(settings.init_from)), None
-
-
-def adapter_meta(base, settings, tokenizer):
-    """What a checkpoint of a partly frozen run says about its base: where it is, its fingerprint (taken once the chat
-    roles have joined its vocabulary), the tuning."""
-    return {"base": settings.init_from, "fingerprint": fingerprint(base.state_dict()), "tuning": settings.tuning(tokenizer)}
-
-
-def save_adapter(out_dir, model, extra, step):
-    """adapter.pt: the trained tensors and what loads them on their base, no optimizer state; returns its bytes."""
-    path = os.path.join(out_dir, "adapter.pt")
-    save_checkpoint(path, {**extra, "model": adapter_state(model), "step": step})
-    return os.path.getsize(path)
 
 
 def samples_of_tasks(task_val, tokenizer, fmt, max_new):
@@ -250,13 +211,8 @@ def main(argv=None):
     extra_ckpt = {"stage": "sft", "model_config": model.config.__dict__.copy(), "tokenizer": tokenizer.to_list(),
                   "settings": asdict(settings)}
     if settings.partial:  # the checkpoint holds only what trains; it names its base
-        extra_ckpt["adapter"] = adapter_meta(base, settings, tokenizer)
-        n_train, n_all = trainable(model)
-        rows = extra_ckpt["adapter"]["tuning"]["token_rows"]
-        print(f"tuning {n_train:,} of {n_all:,} parameters ({n_train / n_all:.2%}): "
-              + (f"LoRA rank {settings.lora_rank} on {settings.lora_targets}" if settings.lora_rank
-                 else f"only the {settings.train_only}")
-              + (f", and the rows of the {len(rows)} tokens pretraining never saw" if rows else ""))
+        extra_ckpt["adapter"] = adapter_meta(base, settings.init_from, settings.tuning(tokenizer))
+        print(settings.describe(model, extra_ckpt["adapter"]["tuning"]["token_rows"]))
     result = train(model, cfg, lambda g: data.get_batch(cfg.batch_size, tokenizer.pad_id, g, settings.train_on_prompt),
                    val["poem"], args.out_dir, extra_ckpt, sample=sample, metrics=metrics, on_event=cli.print_event,
                    device=device, resume_from=resumed)

@@ -86,10 +86,10 @@ def on_its_base(path, ckpt, device="cpu"):
     """The model of an adapter checkpoint: its base (ckpt['adapter']['base'], a run folder or checkpoint file),
     checked against the fingerprint it was trained on, with the adapter's tuning applied and its tensors loaded. A
     base of other weights is refused: the adapter's numbers mean nothing on it."""
-    from minigpt.lora import fingerprint, load_trained, prepare
+    from minigpt.lora import fingerprint, load_trained, plain, prepare
     meta = ckpt["adapter"]
     base_path = meta["base"]
-    model, _, _ = load_checkpoint(base_path, device)
+    model = plain(load_checkpoint(base_path, device)[0])  # a base that is an adapter itself (DPO on LoRA SFT): merged
     vocab_size = meta["tuning"].get("vocab_size", model.config.vocab_size)
     if vocab_size > model.config.vocab_size:  # a chat adapter: the base gets the role rows it was trained with
         model = grow_vocab(model, vocab_size)

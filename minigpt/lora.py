@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -135,6 +136,73 @@ def prepare(model, tuning):
     if tuning.get("token_rows") and not model.tok_emb.weight.requires_grad:
         train_rows(model, tuning["token_rows"])
     return model
+
+
+@dataclass
+class Tuning:
+    """How much of the model a stage trains, as settings a stage's dataclass inherits (all off: every parameter)."""
+    lora_rank: int = 0  # 0: every parameter trains; else LoRA of this rank on lora_targets, the rest frozen
+    lora_alpha: float = 0.0  # LoRA's scale is alpha / rank; 0: alpha = 2 x rank
+    lora_targets: str = "attn,mlp"  # which projections of each block LoRA adapts (TARGETS)
+    train_only: str = ""  # head, last_block or norms: only that part trains (TRAIN_ONLY)
+    new_rows: bool = True  # with either: the table's rows of the tokens pretraining never saw (<END> ...) train too
+
+    def __post_init__(self):
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ValueError("--lora-rank and --lora-alpha must not be negative")
+        if self.lora_rank and self.train_only:
+            raise ValueError("--lora-rank and --train-only are two ways to tune a part of the model; give one")
+
+    @property
+    def partial(self):
+        return bool(self.lora_rank or self.train_only)
+
+    def tuning(self, tokenizer):
+        """The dict prepare() reads, saved in an adapter's checkpoint: these settings, the ids of the rows that train
+        (none when the whole table does) and the vocabulary's size (a chat adapter's base grows to it)."""
+        rows = new_token_ids(tokenizer) if self.partial and self.new_rows and self.train_only != "head" else []
+        return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_targets": self.lora_targets,
+                "train_only": self.train_only, "token_rows": rows, "vocab_size": tokenizer.vocab_size}
+
+    def describe(self, model, rows):
+        """One line: how many parameters train, and which."""
+        n_train, n_all = trainable(model)
+        how = (f"LoRA rank {self.lora_rank} on {self.lora_targets}" if self.lora_rank else f"only the {self.train_only}")
+        return (f"tuning {n_train:,} of {n_all:,} parameters ({n_train / n_all:.2%}): {how}"
+                + (f", and the rows of the {len(rows)} tokens pretraining never saw" if rows else ""))
+
+
+def add_tuning_flags(parser):
+    """The flags of Tuning, in their own group of a stage's parser."""
+    tune = parser.add_argument_group("tuning a part of the model (minigpt.lora; default: every parameter trains)")
+    tune.add_argument("--lora-rank", type=int, help="LoRA of this rank on --lora-targets; the base stays frozen")
+    tune.add_argument("--lora-alpha", type=float, help="LoRA's scale is alpha / rank (default: alpha = 2 x rank)")
+    tune.add_argument("--lora-targets", help="comma-separated: attn (qkv, proj), mlp (fc, proj); default attn,mlp")
+    tune.add_argument("--train-only", choices=sorted(TRAIN_ONLY), help="only this part trains: head (tied to the "
+                      "embedding), last_block, norms")
+    tune.add_argument("--new-rows", action=argparse.BooleanOptionalAction, help="with either, the embedding's rows of "
+                      "the tokens pretraining never saw (<END>, <INS>, <INP>, <RES>, the chat roles) train too (default: yes)")
+
+
+def adapter_meta(base, base_path, tuning):
+    """What a checkpoint of a partly frozen run says about its base: where it is, its fingerprint (taken once the chat
+    roles have joined its vocabulary), the tuning dict."""
+    return {"base": base_path, "fingerprint": fingerprint(base.state_dict()), "tuning": tuning}
+
+
+def save_adapter(out_dir, model, extra, step):
+    """adapter.pt: the trained tensors and what loads them on their base, no optimizer state; returns its bytes."""
+    from minigpt.checkpoint import save_checkpoint
+    path = os.path.join(out_dir, "adapter.pt")
+    save_checkpoint(path, {**extra, "model": adapter_state(model), "step": step})
+    return os.path.getsize(path)
+
+
+def plain(model):
+    """The model as a plain GPT: a merged copy when it carries an adapter, else the model itself."""
+    import copy
+    adapted = isinstance(model.tok_emb, TokenRows) or any(isinstance(m, LoRALinear) for m in model.modules())
+    return merge(copy.deepcopy(model)) if adapted else model
 
 
 def trainable(model):

@@ -179,6 +179,26 @@ def test_a_chat_lora_run_trains_the_role_rows_and_loads_on_its_grown_base(base_r
     assert not torch.equal(model.tok_emb.rows[-1], base.tok_emb.weight.mean(0))  # the new rows learned
 
 
+def test_dpo_trains_an_adapter_on_a_lora_sft_model_whose_step_0_is_its_reference(base_run, tmp_path, monkeypatch):
+    import json
+    import math
+    import train_dpo
+    from minigpt import pairs as pairing
+    sft, out = tmp_path / "sft", tmp_path / "dpo"
+    train_sft.main(TINY + ["--init-from", str(base_run), "--out-dir", str(sft)] + LORA_FLAGS)
+    monkeypatch.setattr(pairing, "judge", lambda answer, *a: "" if sum(map(ord, answer)) % 2 == 0 else "odd")
+    train_dpo.main(TINY + ["--init-from", str(sft), "--out-dir", str(out), "--test-titles", "4", "--pairs", "whole"]
+                   + LORA_FLAGS)
+    evals = [r for r in map(json.loads, open(out / "log.jsonl", encoding="utf-8")) if r["kind"] == "eval"]
+    assert evals[0]["pref_loss"] == pytest.approx(math.log(2), abs=1e-5)  # the merged SFT adapter is the reference
+    adapter = torch.load(out / "adapter.pt", weights_only=True)
+    assert adapter["stage"] == "dpo" and adapter["adapter"]["base"] == str(sft.resolve())
+    assert all(k.endswith((".A", ".B")) or k == "tok_emb.rows" for k in adapter["model"])
+    model, _, _ = load_checkpoint(out / "adapter.pt")  # on its base, itself an adapter on the pretrained run
+    assert torch.equal(model.tok_emb.rows, adapter["model"]["tok_emb.rows"])
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 4 * model.config.n_layer
+
+
 def test_an_interrupted_lora_run_resumes_to_the_same_adapter(base_run, tmp_path, monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
     flags = TINY + ["--init-from", str(base_run)] + LORA_FLAGS
