@@ -219,8 +219,9 @@ class Writer {
 
 // ---- the weights: int8 rows with one float32 scale each (or float16), dequantized once when the page opens ----
 
-function loadModel(meta, bytes) {
-  // meta: {config, tensors: {name: {shape, dtype, offset, scales}}}; bytes: a Uint8Array of every tensor
+function loadModel(meta, bytes, adapter) {
+  // meta: {config, tensors: {name: {shape, dtype, offset, scales}}}; bytes: a Uint8Array of every tensor;
+  // adapter (optional): {meta, bytes} of a LoRA adapter (web.export_adapter), added to these weights
   const get = (name) => {
     const t = meta.tensors[name], n = t.shape.reduce((a, b) => a * b), cols = t.shape[t.shape.length - 1];
     const out = new Float32Array(n), view = new DataView(bytes.buffer, bytes.byteOffset);
@@ -239,8 +240,35 @@ function loadModel(meta, bytes) {
     blocks.push({ ln_1: wb(b + "ln_1"), attn: { qkv: wb(b + "attn.qkv"), proj: wb(b + "attn.proj") },
                   ln_2: wb(b + "ln_2"), mlp: { fc: wb(b + "mlp.fc"), proj: wb(b + "mlp.proj") } });
   }
-  return new GPT(meta.config, { tok_emb: get("tok_emb.weight"), pos_emb: get("pos_emb.weight"), blocks,
-                                ln_f: wb("ln_f") });
+  const p = { tok_emb: get("tok_emb.weight"), pos_emb: get("pos_emb.weight"), blocks, ln_f: wb("ln_f") };
+  if (adapter) applyAdapter(p, meta.config, adapter.meta, adapter.bytes);
+  return new GPT(meta.config, p);
+}
+
+function applyAdapter(p, config, meta, bytes) {
+  // lora.py's merge, on the page: W += scale * B A for each adapted projection, B (out, r), A (r, in), and the trained
+  // token rows written into the tied table
+  const view = new DataView(bytes.buffer, bytes.byteOffset);
+  const get = (name) => {
+    const t = meta.tensors[name], out = new Float32Array(t.shape.reduce((a, b) => a * b));
+    for (let i = 0; i < out.length; i++) out[i] = view.getFloat32(t.offset + 4 * i, true);
+    return out;
+  };
+  for (const [name, scale] of Object.entries(meta.scales)) {  // e.g. blocks.0.attn.qkv
+    const [, l, part, proj] = name.split(".");
+    const w = p.blocks[Number(l)][part][proj].weight, A = get(name + ".A"), B = get(name + ".B");
+    const [r, nIn] = meta.tensors[name + ".A"].shape, nOut = meta.tensors[name + ".B"].shape[0];
+    for (let o = 0; o < nOut; o++) {
+      for (let k = 0; k < r; k++) {
+        const s = scale * B[o * r + k];
+        for (let i = 0; i < nIn; i++) w[o * nIn + i] += s * A[k * nIn + i];
+      }
+    }
+  }
+  if (meta.rows.length) {
+    const rows = get("tok_emb.rows"), C = config.n_embd;
+    meta.rows.forEach((id, k) => p.tok_emb.set(rows.subarray(k * C, (k + 1) * C), id * C));
+  }
 }
 
 function half(h) {  // IEEE float16 bits -> number

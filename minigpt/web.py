@@ -30,6 +30,7 @@ RUNS = {
     "dpo": ("dpo", "python train_dpo.py"),
     "chat": ("sft_chat", "python train_sft.py --tasks all --format chat"),
     "rl": ("rl", "python train_rl.py"),
+    "lora": ("sft_lora", "python train_sft.py --lora-rank 8 --out-dir runs/sft_lora"),  # an adapter on the base model
 }
 RANK_TITLES = 400  # training titles the ranking view draws from
 
@@ -69,21 +70,22 @@ def dequantize(w, bits=8):
     return q * scale
 
 
-def as_page_sees(model, bits=8):
-    """A copy of the model whose weights are the page's (dequantized): PyTorch's side of the parity checks."""
+def as_page_sees(model, bits=8, adapter=False):
+    """A copy of the model whose weights are the page's (dequantized): PyTorch's side of the parity checks. adapter: a
+    LoRA model the page runs as its base plus the adapter in float32, so only the frozen tensors are dequantized."""
     out = copy.deepcopy(model).float().cpu()
     with torch.no_grad():
         for name, p in out.named_parameters():
-            p.copy_(dequantize(p, bits))
+            if not (adapter and p.requires_grad):
+                p.copy_(dequantize(p, bits))
     return out
 
 
 def export(model, bits=8):
     """(meta, bytes): model.py's tensors by name (lm_head is tok_emb: tied, stored once), each at its byte offset. A
     LoRA model is exported merged: the page runs plain GPT weights."""
-    from minigpt.lora import LoRALinear, merge
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        model = merge(copy.deepcopy(model))
+    from minigpt.lora import plain
+    model = plain(model)
     blob, tensors = bytearray(), {}
     for name, p in model.state_dict().items():
         if name == "lm_head.weight":
@@ -99,6 +101,29 @@ def export(model, bits=8):
     config = dict(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                   n_embd=cfg.n_embd)
     return dict(config=config, tensors=tensors), bytes(blob)
+
+
+def export_adapter(model):
+    """(meta, bytes) of a LoRA model's adapter, float32: each adapted projection's A, B and scale, and the trained token
+    rows. The page adds them to its base model's weights (gpt.js applyAdapter), as minigpt.lora.merge does."""
+    from minigpt.lora import LoRALinear, TokenRows, adapter_state
+    blob, tensors = bytearray(), {}
+    for name, p in adapter_state(model).items():
+        tensors[name] = dict(shape=list(p.shape), dtype="float32", offset=len(blob))
+        blob += p.float().cpu().contiguous().numpy().tobytes()
+    scales = {name: m.scale for name, m in model.named_modules() if isinstance(m, LoRALinear)}  # blocks.0.attn.qkv: 2.0
+    rows = model.tok_emb.ids.tolist() if isinstance(model.tok_emb, TokenRows) else []
+    return dict(tensors=tensors, scales=scales, rows=rows), bytes(blob)
+
+
+def on_page_base(ckpt, base):
+    """Whether a run is a LoRA adapter the page can put on its own base model (the same weights, the same vocabulary):
+    then it ships the adapter alone, a tenth of a model, and switching to it is adding it to the base."""
+    from minigpt.lora import fingerprint
+    meta = ckpt.get("adapter")
+    return bool(meta and meta["tuning"].get("lora_rank") and not meta["tuning"].get("train_only")
+                and meta["tuning"].get("vocab_size", base.config.vocab_size) == base.config.vocab_size
+                and meta["fingerprint"] == fingerprint(base.state_dict()))
 
 
 # ---- the page ----
@@ -119,12 +144,18 @@ def load_runs(runs_dir, names=None):
     return found
 
 
-def page_model(key, model, tokenizer, ckpt, bits):
-    """What the page needs of one model: its weights, vocabulary, prompt format and stop."""
+def page_model(key, model, tokenizer, ckpt, bits, base=None):
+    """What the page needs of one model: its weights (a LoRA adapter on the page's base model: the adapter alone),
+    vocabulary, prompt format and stop."""
     from minigpt.sample import answer_format
     fmt = answer_format(ckpt)
-    meta, blob = export(model, bits)
-    return dict(key=key, run=RUNS[key][0], step=ckpt["step"], meta=meta, itos=tokenizer.itos,
+    adapter = None
+    if base is not None and on_page_base(ckpt, base):
+        adapter, blob = export_adapter(model)
+        meta = dict(config=export(base, bits)[0]["config"], base="base")
+    else:
+        meta, blob = export(model, bits)
+    return dict(key=key, run=RUNS[key][0], step=ckpt["step"], meta=meta, adapter=adapter, itos=tokenizer.itos,
                 prompt=[fmt.ins + fmt.instruction + fmt.inp, fmt.res],  # before and after the title
                 stop=fmt.end if fmt.end in tokenizer.stoi else None, end=fmt.end,
                 weights=base64.b64encode(blob).decode("ascii"))
@@ -195,7 +226,8 @@ def build(runs_dir="runs", out=None, bits=8, names=None, log=print, corpus=DEFAU
     """Write the page from the runs under runs_dir; returns its path."""
     out = out or os.path.join(runs_dir, "web", "index.html")
     found = load_runs(runs_dir, names)
-    models = [page_model(k, m, t, c, bits) for k, (m, t, c) in found.items()]
+    models = [page_model(k, m, t, c, bits, base=found["base"][0] if k != "base" else None)
+              for k, (m, t, c) in found.items()]
     to_t, to_s = conversion_tables(found["sft"][1].itos)
     sft_log = os.path.join(runs_dir, RUNS["sft"][0], "log.jsonl")
     data = dict(models=models, to_traditional=to_t, to_simplified=to_s, controls=SPECIAL_TOKENS + ROLE_TOKENS,
@@ -206,7 +238,8 @@ def build(runs_dir="runs", out=None, bits=8, names=None, log=print, corpus=DEFAU
     with open(out, "w", encoding="utf-8") as f:
         f.write(html)
     for m in models:
-        log(f"{m['key']:5s} runs/{m['run']}: step {m['step']}, {len(m['weights']) * 3 // 4 / 1e6:.2f} MB of weights")
+        log(f"{m['key']:5s} runs/{m['run']}: step {m['step']}, {len(m['weights']) * 3 // 4 / 1e6:.2f} MB of "
+            + ("adapter on the base model" if m["adapter"] else "weights"))
     missing = [k for k in RUNS if k not in found and (names is None or k in names)]
     for k in missing:
         log(f"{k:5s} not included: no runs/{RUNS[k][0]} (make it with {RUNS[k][1]})")
@@ -219,7 +252,8 @@ def build(runs_dir="runs", out=None, bits=8, names=None, log=print, corpus=DEFAU
 NODE_DRIVER = r"""
 const fs = require("fs"), m = require(process.argv[1]);
 const job = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
-const model = m.loadModel(job.meta, new Uint8Array(fs.readFileSync(job.weights)));
+const model = m.loadModel(job.meta, new Uint8Array(fs.readFileSync(job.weights)),
+  job.adapter && {meta: job.adapter, bytes: new Uint8Array(fs.readFileSync(job.adapter_weights))});
 const out = {logits: [], greedy: []};
 for (const ids of job.logits) out.logits.push(Array.from(new m.Writer(model, ids).logits));
 for (const ids of job.greedy) {
@@ -236,17 +270,20 @@ fs.writeFileSync(job.out, JSON.stringify(out));
 """
 
 
-def run_in_node(model, logit_prompts, greedy_prompts, max_new, stop_id, bits=8):
+def run_in_node(model, logit_prompts, greedy_prompts, max_new, stop_id, bits=8, adapter=None):
     """The JavaScript model (gpt.js, on the exported weights) in Node: the last position's logits after each of
-    logit_prompts, and the greedy continuation of each of greedy_prompts (lists of ids), up to max_new ids or stop_id."""
+    logit_prompts, and the greedy continuation of each of greedy_prompts (lists of ids), up to max_new ids or stop_id.
+    adapter: a LoRA model whose adapter gpt.js adds to model's weights, as the page does."""
     meta, blob = export(model, bits)
+    ad_meta, ad_blob = export_adapter(adapter) if adapter is not None else (None, b"")
     with tempfile.TemporaryDirectory() as d:
-        weights, job, out = (os.path.join(d, n) for n in ("weights.bin", "job.json", "out.json"))
-        with open(weights, "wb") as f:
-            f.write(blob)
+        weights, ad_weights, job, out = (os.path.join(d, n) for n in ("weights.bin", "adapter.bin", "job.json", "out.json"))
+        for path, data in ((weights, blob), (ad_weights, ad_blob)):
+            with open(path, "wb") as f:
+                f.write(data)
         with open(job, "w") as f:
-            json.dump(dict(meta=meta, weights=weights, logits=logit_prompts, greedy=greedy_prompts, max_new=max_new,
-                           stop=-1 if stop_id is None else stop_id, out=out), f)
+            json.dump(dict(meta=meta, weights=weights, adapter=ad_meta, adapter_weights=ad_weights, logits=logit_prompts,
+                           greedy=greedy_prompts, max_new=max_new, stop=-1 if stop_id is None else stop_id, out=out), f)
         try:
             subprocess.run(["node", "-e", NODE_DRIVER, GPT_JS, job], check=True, capture_output=True, text=True)
         except FileNotFoundError:
@@ -277,23 +314,25 @@ def last_logits(model, prompts):
 
 
 def check(runs_dir="runs", corpus=DEFAULT_CORPUS, n_prompts=20, n_titles=400, bits=8, log=print):
-    """For the base and fine-tuned models: the largest logit difference between gpt.js and PyTorch on the page's
+    """For the base and fine-tuned models (and the LoRA one, runs/sft_lora, when it exists): the largest logit difference between gpt.js and PyTorch on the page's
     weights over n_prompts val prompts, whether greedy writing agrees on them, and stop rate and regular shape of
     n_titles val answers with full-precision and page weights. Returns the figures."""
     from minigpt.evaluate import eval_set, write_answers
     from minigpt.generate import Sampling
     from minigpt.sample import answer_format
     from minigpt.verse import first_poem, is_regular
-    found = load_runs(runs_dir, ("base", "sft"))
+    found = load_runs(runs_dir, ("base", "sft", "lora"))
     splits = split_poems(load_poems(corpus))
     titles = eval_set(splits["val"], splits["train"], n_titles).titles
     figures = {}
     for key, (model, tok, ckpt) in found.items():
-        fmt, paged = answer_format(ckpt), as_page_sees(model, bits)
+        on_base = key != "base" and on_page_base(ckpt, found["base"][0])  # an adapter added to the base on the page
+        fmt, paged = answer_format(ckpt), as_page_sees(model, bits, adapter=on_base)
         prompts = [tok.encode(fmt.prompt(t), unknown="unk") for t in titles[:n_prompts]]
         stop_id = tok.stoi.get(fmt.end)
         max_new = 160 if stop_id is None else 200  # the base model runs past its window: the restart is checked too
-        js_logits, js_greedy = run_in_node(model, prompts, prompts, max_new, stop_id, bits)
+        js_logits, js_greedy = run_in_node(found["base"][0] if on_base else model, prompts, prompts, max_new, stop_id,
+                                           bits, adapter=model if on_base else None)
         diff = (js_logits - last_logits(paged, prompts)).abs().max().item()
         same = sum(a == b for a, b in zip(js_greedy, torch_greedy(paged, prompts, max_new, stop_id, tok.pad_id)))
         rates = {}  # the same sampling seed for both; full precision with another seed says how far chance alone moves

@@ -73,6 +73,32 @@ def test_gpt_js_equals_pytorch_in_node(tokenizer, splits, bits):
     assert max(map(len, torch_greedy)) == 60 and min(len(p) for p in prompts) + 60 > cfg.block_size  # restarts ran
 
 
+def test_gpt_js_adds_a_lora_adapter_to_its_base_as_pytorch_does(tokenizer, splits):
+    """The page keeps one base model and adds an adapter to it: the same logits as PyTorch's LoRA model on the page's
+    base weights, the same greedy text, and not the base model's."""
+    need("node")
+    from minigpt.lora import add_lora, train_rows
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    base = sharp(cfg)
+    tuned = GPT(cfg)
+    tuned.load_state_dict(base.state_dict())
+    train_rows(add_lora(tuned, 2), [tokenizer.end_id, tokenizer.res_id])
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    prompts = [tokenizer.encode(TITLE_TO_POEM.prompt(p.title), unknown="unk") for p in splits["train"][:8]]
+    js_logits, js_greedy = web.run_in_node(base, prompts, prompts, 40, tokenizer.end_id, 8, adapter=tuned)
+    paged = web.as_page_sees(tuned, 8, adapter=True)
+    assert (js_logits - web.last_logits(paged, prompts)).abs().max() < 1e-4
+    assert (js_logits - web.last_logits(web.as_page_sees(base, 8), prompts)).abs().max() > 1e-2  # the adapter counts
+    assert js_greedy == web.torch_greedy(paged, prompts, 40, tokenizer.end_id, tokenizer.pad_id)
+    meta, blob = web.export_adapter(tuned)
+    assert set(meta["scales"]) == {f"blocks.{l}.{p}" for l in range(2) for p in ("attn.qkv", "attn.proj", "mlp.fc",
+                                                                                  "mlp.proj")}
+    assert meta["rows"] == [tokenizer.end_id, tokenizer.res_id] and len(blob) < len(web.export(base, 8)[1])
+
+
 def test_the_page_needs_both_runs(tmp_path):
     with pytest.raises(web.WebError, match=r"no run at .*pretrain: make it with python train_pretrain.py"):
         web.build(str(tmp_path))
