@@ -351,8 +351,10 @@ def main(argv=None):
     from minigpt.loss_eval import evaluate_loss
     rows = [("base (pretrained)", {"trainable": 0.0, "plain_loss": evaluate_loss(base, plain_val, "cpu"),
                                    "saved_kb": os.path.getsize(checkpoint_path(args.init_from)) / 1024})]
+    outs = []
     for name, flags in rows_for(ranks):
         out = os.path.join(args.out_dir, "".join(c for c in name.lower() if c.isalnum()))  # "LoRA r8" -> lorar8
+        outs.append((name, out))
         code, peak = run_row(flags, out, args.minutes, args.init_from, corpus)
         if code:
             print(f"error: {name} ended with exit code {code}; run its command above to see why", file=sys.stderr)
@@ -365,7 +367,9 @@ def main(argv=None):
                         "the run's whole process; saved file: adapter.pt, or ckpt.pt with its optimizer state for full SFT)")
     with open(os.path.join(args.out_dir, "table.txt"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
-    print(table)
+    from minigpt.plot import plot_tuning
+    plot_tuning([(name, os.path.join(out, "log.jsonl")) for name, out in outs], os.path.join(args.out_dir, "tuning.png"))
+    print(table + f"\nsee {args.out_dir}/table.txt, tuning.png")
     return rows
 
 

@@ -197,6 +197,26 @@ def plot_rl_runs(runs, png_path, title="what the reward pays for, and what the c
     return _finish(fig, ax2, "% of val titles", "the program's checks", png_path, xlabel="RL step")
 
 
+def plot_tuning(runs, png_path, title="stops at <END> (val titles)"):
+    """The side-by-side tuning runs (python -m minigpt.lora) against steps: left, the share of val answers that stop;
+    right, the share in a regular form. runs: [(name, log.jsonl path)]."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, log) in enumerate(runs):
+        evals = [r for r in read_log(log) if r["kind"] == "eval" and "stop_rate" in r]
+        steps = [r["step"] for r in evals]
+        ax.plot(steps, _percent(evals, "stop_rate"), "o-", color=f"C{i}", label=name)
+        ax2.plot(steps, _percent(evals, "regular_rate"), "o-", color=f"C{i}", label=name)
+    for a in (ax, ax2):
+        a.set_xscale("symlog", linthresh=10)
+        a.set_ylim(-3, 103)
+    ax.set_xlabel("SFT step")
+    ax.set_ylabel("% of val titles")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _finish(fig, ax2, "% of val titles", "in a regular form (jueju / lushi)", png_path, xlabel="SFT step")
+
+
 # ---- pictures of one answer (python -m minigpt.explain): their labels are Chinese characters ----
 
 CJK_FONTS = ["Noto Sans CJK TC", "Noto Sans CJK SC", "Noto Serif CJK TC", "Source Han Sans TC", "WenQuanYi Zen Hei",
