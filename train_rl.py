@@ -18,6 +18,7 @@ from minigpt import cli
 from minigpt.checkpoint import CheckpointError, load_checkpoint, settings_of
 from minigpt.data import CHAT_POEM, DEFAULT_CORPUS, TITLE_TO_POEM, load_poems, split_poems
 from minigpt.evaluate import eval_set, format_table, loss_batches, measure, reference, table_note, val_sample
+from minigpt.lora import Tuning, add_tuning_flags, adapter_meta, plain, prepare, save_adapter
 from minigpt.metrics import BY_KEY, METRICS, RL_METRICS, Yardstick
 from minigpt.model import GPT
 from minigpt.plot import plot_losses, plot_rl
@@ -30,8 +31,9 @@ from train_dpo import DEMO_TITLES
 
 
 @dataclass
-class RLSettings:
-    """What the RL stage adds to the training settings; kept whole in the checkpoint."""
+class RLSettings(Tuning):
+    """What the RL stage adds to the training settings (and Tuning's, how much of the model trains); kept whole in the
+    checkpoint."""
     init_from: str = os.path.join("runs", "sft")  # the fine-tuned run: the policy's start and the frozen reference
     reward: str = "model"  # model: the reward model's score; program: the program's combined score
     reward_from: str = os.path.join("runs", "reward")  # the reward model (--reward model)
@@ -55,6 +57,7 @@ class RLSettings:
             raise ValueError(f"--group must be 2 or more: an advantage compares an answer with its group, got {self.group}")
         if self.kl_coef < 0 or not 0 < self.clip < 1:
             raise ValueError("--kl-coef must not be negative and --clip must lie between 0 and 1")
+        super().__post_init__()
 
 
 PRESETS = {
@@ -88,6 +91,7 @@ def parse_args(argv):
     parser.add_argument("--eval-titles", type=int, help="val titles measured at every eval")
     parser.add_argument("--test-titles", type=int, help="test titles of the final table")
     parser.add_argument("--max-new-tokens", type=int, help="longest answer")
+    add_tuning_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -106,10 +110,14 @@ def start(args, settings):
                               "a fine-tuned one: run python train_sft.py first, or pass --init-from runs/sft")
     # no dropout: the first PPO step on a collection must see the policy that wrote it (ratio 1)
     model = GPT(dataclasses.replace(ref.config, dropout=0.0))
-    model.load_state_dict(ref.state_dict())
+    model.load_state_dict(plain(ref).state_dict())  # an SFT adapter starts the policy merged
     settings = dataclasses.replace(settings, init_from=os.path.abspath(settings.init_from),
                                    reward_from=os.path.abspath(settings.reward_from),
                                    format=settings_of(ckpt).get("format", "ins"))
+    try:
+        prepare(model, settings.tuning(tokenizer))  # LoRA or one part alone: the rest frozen
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
     return model, ref, tokenizer, settings, None
 
 
@@ -169,11 +177,17 @@ def main(argv=None):
 
     extra_ckpt = {"stage": "rl", "model_config": model.config.__dict__.copy(), "tokenizer": tokenizer.to_list(),
                   "settings": asdict(settings)}
+    if settings.partial:  # the checkpoint holds only what trains; it names its base, the reference
+        extra_ckpt["adapter"] = adapter_meta(plain(ref), settings.init_from, settings.tuning(tokenizer))
+        print(settings.describe(model, extra_ckpt["adapter"]["tuning"]["token_rows"]))
     result = train(model, cfg, rollouts, val["poem"], args.out_dir, extra_ckpt, sample=sample, metrics=metrics,
                    on_event=cli.print_event, device=device, resume_from=resumed,
                    loss_fn=lambda m, batch: ppo_loss(m, batch, settings.clip, settings.kl_coef))
     if not cli.is_lead():
         return result
+    if settings.partial:
+        size = save_adapter(args.out_dir, model, extra_ckpt, result["step"])
+        print(f"adapter: {args.out_dir}/adapter.pt, {size / 1024:,.0f} KB; it loads on {settings.init_from}")
     columns = final_table(args.out_dir, model, ref, tokenizer, splits, yard, fmt, settings, reward, val, result)
     return {**result, "columns": columns}
 

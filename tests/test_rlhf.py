@@ -303,6 +303,19 @@ def test_train_rl_runs_on_either_reward_and_logs_what_an_eval_reads(finetuned, r
     assert result["step"] == 6
 
 
+def test_train_rl_trains_a_lora_adapter_that_starts_as_the_sft_model(finetuned, rewarded, tmp_path):
+    from minigpt.lora import LoRALinear
+    out = tmp_path / "rl_lora"
+    train_rl.main(TINY + ["--init-from", str(finetuned), "--reward-from", str(rewarded[0]), "--out-dir", str(out),
+                          "--reward", "program", "--lora-rank", "2"])
+    evals = [json.loads(line) for line in open(out / "log.jsonl", encoding="utf-8") if '"eval"' in line]
+    assert evals[0]["kl_to_ref"] == 0.0  # B is zero and the rows are the SFT model's: step 0 is the reference
+    adapter = torch.load(out / "adapter.pt", weights_only=True)
+    assert adapter["stage"] == "rl" and all(k.endswith((".A", ".B")) or k == "tok_emb.rows" for k in adapter["model"])
+    model, _, _ = load_checkpoint(str(out / "adapter.pt"))
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 4 * model.config.n_layer
+
+
 def test_nothing_trained_is_overwritten_and_bad_flags_get_one_line(finetuned, rewarded, tmp_path, capsys):
     for script, name, argv in ((train_reward, "train_reward.py", ["--out-dir", str(rewarded[0])]),
                                (train_rl, "train_rl.py", ["--reward-from", str(finetuned), "--out-dir", str(tmp_path)]),
