@@ -114,10 +114,8 @@ def start(args, settings):
     settings = dataclasses.replace(settings, init_from=os.path.abspath(settings.init_from),
                                    reward_from=os.path.abspath(settings.reward_from),
                                    format=settings_of(ckpt).get("format", "ins"))
-    try:
-        prepare(model, settings.tuning(tokenizer))  # LoRA or one part alone: the rest frozen
-    except ValueError as e:
-        raise cli.UsageError(str(e)) from None
+    # LoRA or one part alone: the rest frozen
+    cli.parse_or_usage(lambda tuning: prepare(model, tuning), settings.tuning(tokenizer))
     return model, ref, tokenizer, settings, None
 
 

@@ -180,10 +180,7 @@ def main(argv=None):
         model, base = (m if m.config.vocab_size == tokenizer.vocab_size else grow_vocab(m, tokenizer.vocab_size)
                        for m in (model, base))
     if not resumed:  # LoRA or one part alone: freeze the rest (a resumed run comes back prepared)
-        try:
-            prepare(model, settings.tuning(tokenizer))
-        except ValueError as e:
-            raise cli.UsageError(str(e)) from None
+        cli.parse_or_usage(lambda tuning: prepare(model, tuning), settings.tuning(tokenizer))
     fmt, poem_fmt = (CHAT, CHAT_POEM) if chat else (TITLE_TO_POEM, TITLE_TO_POEM)
     T, yard = model.config.block_size, Yardstick(splits["train"])
     data = task_data(splits["train"], tokenizer, T, tasks, yard.rhyme_groups, fmt)

@@ -97,10 +97,13 @@ def export(model, bits=8):
         if scales is not None:
             tensors[name]["scales"] = len(blob)
             blob += scales
-    cfg = model.config
-    config = dict(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                  n_embd=cfg.n_embd)
-    return dict(config=config, tensors=tensors), bytes(blob)
+    return dict(config=page_config(model.config), tensors=tensors), bytes(blob)
+
+
+def page_config(cfg):
+    """The model config as gpt.js reads it."""
+    return dict(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                n_embd=cfg.n_embd)
 
 
 def export_adapter(model):
@@ -152,7 +155,7 @@ def page_model(key, model, tokenizer, ckpt, bits, base=None):
     adapter = None
     if base is not None and on_page_base(ckpt, base):
         adapter, blob = export_adapter(model)
-        meta = dict(config=export(base, bits)[0]["config"], base="base")
+        meta = dict(config=page_config(base.config), base="base")
     else:
         meta, blob = export(model, bits)
     return dict(key=key, run=RUNS[key][0], step=ckpt["step"], meta=meta, adapter=adapter, itos=tokenizer.itos,
@@ -314,8 +317,8 @@ def last_logits(model, prompts):
 
 
 def check(runs_dir="runs", corpus=DEFAULT_CORPUS, n_prompts=20, n_titles=400, bits=8, log=print):
-    """For the base and fine-tuned models (and the LoRA one, runs/sft_lora, when it exists): the largest logit difference between gpt.js and PyTorch on the page's
-    weights over n_prompts val prompts, whether greedy writing agrees on them, and stop rate and regular shape of
+    """For the base and fine-tuned models (and the LoRA one, runs/sft_lora, when it exists): the largest logit
+    difference between gpt.js and PyTorch on the page's weights over n_prompts val prompts, whether greedy writing agrees on them, and stop rate and regular shape of
     n_titles val answers with full-precision and page weights. Returns the figures."""
     from minigpt.evaluate import eval_set, write_answers
     from minigpt.generate import Sampling
