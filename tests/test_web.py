@@ -296,3 +296,18 @@ def test_gpt_js_samples_from_the_same_cut_distribution(temperature, top_k, top_p
     py = kept_probabilities(logits, temperature, top_k, top_p)
     assert torch.equal(js > 0, py > 0)  # the same ids survive the cuts
     assert (js - py).abs().max() < 0.02  # and are drawn as often (20,000 draws each: a few thousandths apart)
+
+
+def test_gpt_js_gelu_is_the_exact_one_to_float32_precision():
+    """gpt.js's erf is a five-term approximation (Abramowitz and Stegun 7.1.26, within 1.5e-7): its GELU must stay
+    within 1e-7 (1 + |x|) of F.gelu's exact one, about a float32's rounding, and far from the tanh approximation."""
+    need("node")
+    import json
+    import subprocess
+    xs = torch.linspace(-8, 8, 1601, dtype=torch.float64)
+    script = (f"const m = require({json.dumps(web.GPT_JS)});"
+              f"console.log(JSON.stringify({json.dumps(xs.tolist())}.map(m.gelu)))")
+    js = torch.tensor(json.loads(subprocess.run(["node", "-e", script], capture_output=True, text=True,
+                                                check=True).stdout), dtype=torch.float64)
+    assert ((js - torch.nn.functional.gelu(xs)).abs() / (1 + xs.abs())).max() < 1e-7
+    assert (js - torch.nn.functional.gelu(xs, approximate="tanh")).abs().max() > 1e-4
