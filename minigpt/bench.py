@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
@@ -61,7 +62,8 @@ def train_rate(cfg, batch_size, steps, dtype=None, compile=False, warmup=3, devi
     opt = make_optimizer(model, TrainConfig(optimizer=optimizer))
     if compile:
         torch._dynamo.reset()  # a fresh compile for each row: past 8 shapes and models, dynamo stops compiling
-    step_model = torch.compile(model) if compile else model
+    loss_of = lambda ids: model(ids, ids)[1]  # as training does: the loss alone leaves a compiled graph
+    step_loss = torch.compile(loss_of) if compile else loss_of
     x = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size), device=device)
     amp = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
     t_compile = time.perf_counter()
@@ -70,7 +72,7 @@ def train_rate(cfg, batch_size, steps, dtype=None, compile=False, warmup=3, devi
             sync(device)
             t_compile, t = time.perf_counter() - t_compile, time.perf_counter()
         with amp:
-            _, loss = step_model(x, x)
+            loss = step_loss(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -154,6 +156,102 @@ CPU_PRESET = ("cpu preset (4x128, T=128, batch 8)", GPTConfig(VOCAB, block_size=
 LARGER = ("larger (6x256, T=128, batch 16)", GPTConfig(VOCAB, block_size=128, n_layer=6, n_head=8, n_embd=256), 16)
 GPU_PRESET = ("gpu preset (8x512, T=256, batch 64)", GPTConfig(VOCAB, block_size=256, n_layer=8, n_head=8, n_embd=512), 64)
 TINY = ("tiny (2x32, T=32, batch 4)", GPTConfig(500, block_size=32, n_layer=2, n_head=2, n_embd=32), 4)
+
+
+# ---- where one pretraining step's time goes ----
+
+def _median_ms(fn, reps):
+    """The median milliseconds of fn() over reps calls, after two that warm up."""
+    times = []
+    for i in range(reps + 2):
+        t = time.perf_counter()
+        fn()
+        if i >= 2:
+            times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def _part_forwards(model, x, h0):
+    """{part: (its forward, its input, whether it returns the loss)} of one pretraining step."""
+    from minigpt.model import IGNORE_INDEX
+    (B, T), V = x.shape, model.config.vocab_size
+
+    def blocks(h):  # the blocks and the final LayerNorm
+        for block in model.blocks:
+            h = block(h)
+        return model.ln_f(h)
+
+    return {
+        "embedding": (lambda i: model.tok_emb(i) + model.pos_emb(torch.arange(T, device=i.device)), x, False),
+        "blocks (4 x attention + MLP)": (blocks, h0, False),
+        "output layer: matmul": (lambda h: model.lm_head(h), h0, False),
+        "output layer + loss": (lambda h: F.cross_entropy(model.lm_head(h).view(B * T, V), x.view(B * T),
+                                                           ignore_index=IGNORE_INDEX), h0, True),
+        "whole model + loss": (lambda i: model(i, i)[1], x, True),
+    }
+
+
+def _forward_backward(forward, inp, is_loss, amp):
+    """A call that runs forward on inp and its backward, from the loss or from a gradient drawn once (drawing 37
+    million numbers each time would cost more than the matmul)."""
+    grad = {}
+
+    def go():
+        h = inp.clone().requires_grad_(True) if inp.is_floating_point() else inp
+        with amp():
+            out = forward(h)
+        if not is_loss and "g" not in grad:
+            grad["g"] = torch.randn_like(out)
+        out.backward(None if is_loss else grad["g"])
+    return go
+
+
+def step_profile(cfg, batch_size, dtype=None, compile=False, reps=10, device="cpu", data=None):
+    """Milliseconds of each part of one pretraining step: {part: ms}. Each part runs its forward (compiled on its own
+    when compile is set, as training compiles the model with its loss) and its backward alone, with a random gradient
+    arriving from above, so the parts add up to about the whole step; `data`: a PretrainData (None: no data row)."""
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).train()
+    opt = make_optimizer(model, TrainConfig(optimizer="muon"))
+    x = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size), device=device)
+    h0 = torch.randn(batch_size, cfg.block_size, cfg.n_embd, device=device)
+    amp = (lambda: torch.autocast(device.split(":")[0], dtype=dtype)) if dtype else contextlib.nullcontext
+    if compile:
+        torch._dynamo.reset()
+    fast = torch.compile if compile else (lambda f: f)
+    parts = {name: _forward_backward(fast(f), inp, is_loss, amp)
+             for name, (f, inp, is_loss) in _part_forwards(model, x, h0).items()}
+    whole_model = parts["whole model + loss"]
+    whole_model()  # every parameter has a gradient for the optimizer's step
+    parts["optimizer (Muon + AdamW)"] = opt.step
+
+    def whole():
+        opt.zero_grad(set_to_none=True)
+        whole_model()
+        opt.step()
+
+    parts["whole step"] = whole
+    if data is not None:
+        parts = {"data (a batch of windows)": lambda: data.get_batch(batch_size, cfg.block_size), **parts}
+    return {name: _median_ms(fn, reps) for name, fn in parts.items()}
+
+
+def profile_main(args, device):
+    """The printed profile: the default's shape, batch and dtype, with the corpus's own batches, uncompiled and
+    compiled (the default)."""
+    from minigpt.data import PretrainData, build_tokenizer, load_poems, split_poems
+    splits = split_poems(load_poems())
+    data = PretrainData(splits, build_tokenizer(splits["train"]))
+    cfg = GPTConfig(VOCAB, block_size=128, n_layer=4, n_head=4, n_embd=128, use_sdpa=False)
+    dtype, batch, reps = autocast_dtype("auto", device), 4 if args.tiny else 32, 3 if args.tiny else 10
+    runs = {comp: step_profile(cfg, batch, dtype, comp, reps, device, data)
+            for comp in ((False,) if args.no_compile else (False, True))}
+    print(f"one pretraining step: the cpu preset's model, batch {batch}, {'bfloat16 autocast' if dtype else 'float32'}; "
+          f"each part forward and backward alone, median of {reps} (ms, and share of the whole step)")
+    print(f"  {'':32s}" + "".join(f"{'compiled' if comp else 'uncompiled':>20s}" for comp in runs))
+    for name in runs[False]:
+        print(f"  {name:32s}" + "".join(f"{ms[name]:10.1f} ms {ms[name] / ms['whole step']:6.0%}  " for ms in runs.values()))
+    return runs
 
 
 # ---- time to loss: pretraining variants on one budget, back to back ----
@@ -276,6 +374,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="--time-to-loss: the seed of every variant")
     p.add_argument("--losses", type=float, nargs="+", default=[5.0, 4.8, 4.6, 4.5],
                    help="--time-to-loss: the val losses whose minutes are reported")
+    p.add_argument("--profile", action="store_true", help="where one pretraining step's time goes, part by part")
     args = p.parse_args(argv)
     if args.time_to_loss:
         return time_to_loss_main(args)
@@ -283,6 +382,8 @@ def main(argv=None):
         device = pick_device(args.device)
     except ValueError as e:
         p.error(str(e))
+    if args.profile:
+        return profile_main(args, device)
     tiny, gpu = args.tiny, device.startswith("cuda")
     where = torch.cuda.get_device_name(device) if gpu else f"{torch.get_num_threads()} CPU threads"
     print(f"torch {torch.__version__}, {where}; bfloat16 autocast here: "

@@ -66,9 +66,9 @@ def train(model, cfg, get_batch, val_batches, out_dir, checkpoint_extra, sample=
     run = Run(cfg, procs, model, opt, data_gen, out_dir, checkpoint_extra, Evals(val_batches, sample, metrics, cfg),
               on_event, resume_from)
     step_model = procs.wrap(model)  # DDP averages the gradients of all processes in backward()
-    if cfg.compile:
-        step_model = CompiledOrNot(step_model)
-    step_loss = procs.weighted(loss_fn)  # one process: the stage's loss as it is
+    # compiled: the model and its loss as one graph whose only outputs are the loss and its count, so that the
+    # (B, T, V) logits are never written out (compiling the model alone returns them: a fifth more per step)
+    step_loss = procs.weighted(CompiledOrNot(loss_fn) if cfg.compile else loss_fn)  # one process: the loss as it is
     autocast = make_autocast(cfg.dtype, device)  # eval and sampling stay in float32
 
     with run:  # catches Ctrl-C and SIGTERM, shows a progress bar, closes the log
@@ -422,22 +422,21 @@ def keep_log_until(path, step):
     replace_durably(path, lambda f: f.write("".join(kept).encode("utf-8")))
 
 
-class CompiledOrNot(torch.nn.Module):
-    """torch.compile(model), falling back to the model itself where compiling fails: it needs a C++ compiler on a
+class CompiledOrNot:
+    """torch.compile(loss_fn), falling back to loss_fn itself where compiling fails: it needs a C++ compiler on a
     CPU (Triton on a GPU). The failed batch is run again uncompiled."""
 
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.compiled = model, torch.compile(model)
+    def __init__(self, loss_fn):
+        self.loss_fn, self.compiled = loss_fn, torch.compile(loss_fn)
 
-    def forward(self, *args, **kw):
+    def __call__(self, model, batch):
         if self.compiled is not None:
             try:
-                return self.compiled(*args, **kw)
+                return self.compiled(model, batch)
             except Exception as e:
                 warnings.warn(f"torch.compile failed ({type(e).__name__}); training without it, or pass --no-compile")
                 self.compiled = None
-        return self.model(*args, **kw)
+        return self.loss_fn(model, batch)
 
 
 class Processes:
