@@ -33,7 +33,8 @@ def make_parser(description, presets, default_out, model_flags=MODEL_FLAGS, out_
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out-dir already holds a run")
     hp = p.add_argument_group("hyperparameters (default: the preset's value)")
     helps = {"max_minutes": "minutes of training; 0 = no limit", "dtype": "float32, bfloat16 (autocast) or auto",
-             "compile": "torch.compile the model for training", "use_sdpa": "attention by F.scaled_dot_product_attention"}
+             "compile": "torch.compile the model for training",
+             "keep_snapshots": "also keep the model of every eval in OUT_DIR/snapshots/step_N.pt", "use_sdpa": "attention by F.scaled_dot_product_attention"}
     for f in [f for f in fields(GPTConfig) if f.name in model_flags] + list(fields(TrainConfig)):
         if isinstance(f.default, bool):
             hp.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=helps.get(f.name))

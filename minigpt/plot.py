@@ -89,6 +89,18 @@ def plot_curves(curves, png_path, xlabel, ylabel, title):
     return _finish(fig, ax, ylabel, title, png_path, xlabel)
 
 
+def plot_time_to_rhyme(runs, png_path, title="time to rhyme: pretraining minutes, then the same short SFT"):
+    """runs: [{name, points: [{minutes, rhyme, ...}], real, shuffled}] -> the share of regular answers that rhyme
+    against minutes of pretraining, one line a run, with the real poems and the chance level (shuffled endings)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        ax.plot([p["minutes"] for p in run["points"]], [100 * p["rhyme"] for p in run["points"]], "o-", label=run["name"])
+    ax.axhline(100 * runs[-1]["real"], color="C2", ls="--", label="real poems")
+    ax.axhline(100 * runs[-1]["shuffled"], color="C7", ls=":", label="chance (endings shuffled across poems)")
+    ax.set_ylim(0, 100)
+    return _finish(fig, ax, "rhymes (% of regular answers, test titles)", title, png_path, "minutes of pretraining")
+
+
 def plot_tasks(log_path, png_path, title="each task's compliance over SFT steps (val examples)"):
     """One curve per task: the share of val answers its checker passes at each eval (the acrostic's dashed curve:
     the share of clauses that start with their head character)."""

@@ -111,6 +111,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for the training steps
     optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' weight matrices, AdamW for the rest (minigpt.optim)
     muon_lr: float = 0.02  # Muon's learning rate at the top of the schedule (it follows the same warmup and cosine)
+    keep_snapshots: bool = False  # also keep the model of every eval, snapshots/step_N.pt (tools/time_to_rhyme.py)
 
     def __post_init__(self):
         for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "sample_every", "log_every"):
@@ -381,6 +382,12 @@ class Run:
                 "train_config": asdict(self.cfg), "step": self.step, "tokens": self.tokens, **self.clock.state(),
                 "window": list(self.window), "last_eval": json.loads(json.dumps(self.last_eval)),
                 "val_loss": self.last_eval.get("val_loss"), "rng": {**rng, "data": self.data_gen.get_state()}})
+            if self.cfg.keep_snapshots:  # the model alone, loadable as a checkpoint: what it was at this eval
+                folder = os.path.join(os.path.dirname(self.ckpt_path), "snapshots")
+                os.makedirs(folder, exist_ok=True)
+                save_checkpoint(os.path.join(folder, f"step_{self.step}.pt"),
+                                {**self.extra, "model": saved_state(self.model), "train_config": asdict(self.cfg),
+                                 "step": self.step, "last_eval": json.loads(json.dumps(self.last_eval))})
         self.saved_step = self.step
 
 

@@ -232,3 +232,33 @@ def test_rhyme_emergence_probes_every_seed_every_few_steps(splits, tokenizer):
     x, _ = anywhere.get_batch(64, 16, torch.Generator().manual_seed(0))
     titles = {tuple(anywhere.train[s:s + 16].tolist()) for s in anywhere.train_starts.tolist()}
     assert sum(tuple(row.tolist()) in titles for row in x) < 16  # most start mid-poem
+
+
+def test_time_to_rhyme_picks_the_last_snapshot_at_or_before_each_minute():
+    tool = _tool("time_to_rhyme")
+    found = [(0.0, 0, 9.1, "a"), (1.9, 250, 5.0, "b"), (4.5, 500, 4.6, "c"), (5.05, 750, 4.4, "d")]
+    assert [s[3] for s in tool.at_minutes(found, [2, 4, 5])] == ["b", "b", "d"]  # 5.05 is within 3% past minute 5
+    assert [s[3] for s in tool.at_minutes(found, [4.5, 10])] == ["c", "d"]
+    with pytest.raises(ValueError, match="no snapshot at or before minute 1"):
+        tool.at_minutes(found, [1])  # step 0 is no point: nothing pretrained yet
+
+
+@pytest.mark.slow
+def test_time_to_rhyme_fine_tunes_each_kept_snapshot(tmp_path):
+    """A tiny pretraining keeps a snapshot at every eval; each loads as the model was then, and the tool fine-tunes
+    one and reads its final table (a minute: the SFT runs in its own process)."""
+    import train_pretrain
+    from minigpt.checkpoint import load_checkpoint
+    run = str(tmp_path / "pre")
+    train_pretrain.main(["--preset", "tiny", "--corpus", FIXTURE_CORPUS, "--device", "cpu", "--keep-snapshots",
+                         "--out-dir", run])
+    tool = _tool("time_to_rhyme")
+    found = tool.snapshots(run)
+    assert [s[1] for s in found] == [0, 10, 20]
+    last, final = load_checkpoint(found[-1][3])[0], load_checkpoint(run)[0]
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), final.state_dict().values()))
+    assert not torch.equal(load_checkpoint(found[1][3])[0].tok_emb.weight, final.tok_emb.weight)
+    points = tool.main([run, "--minutes", "100", "--sft-preset", "tiny", "--corpus", FIXTURE_CORPUS,
+                        "--out-dir", str(tmp_path / "ttr")])
+    assert [p["step"] for p in points] == [20] and 0 <= points[0]["rhyme"] <= 1
+    assert (tmp_path / "ttr" / "pre" / "time_to_rhyme.png").exists()
