@@ -94,7 +94,8 @@ def plot_time_to_rhyme(runs, png_path, title="time to rhyme: pretraining minutes
     against minutes of pretraining, one line a run, with the real poems and the chance level (shuffled endings)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
-        ax.plot([p["minutes"] for p in run["points"]], [100 * p["rhyme"] for p in run["points"]], "o-", label=run["name"])
+        rates = [float("nan") if p["rhyme"] is None else 100 * p["rhyme"] for p in run["points"]]  # None: no regular answer
+        ax.plot([p["minutes"] for p in run["points"]], rates, "o-", label=run["name"])
     ax.axhline(100 * runs[-1]["real"], color="C2", ls="--", label="real poems")
     ax.axhline(100 * runs[-1]["shuffled"], color="C7", ls=":", label="chance (endings shuffled across poems)")
     ax.set_ylim(0, 100)

@@ -247,6 +247,7 @@ def test_time_to_rhyme_picks_the_last_snapshot_at_or_before_each_minute():
 def test_time_to_rhyme_fine_tunes_each_kept_snapshot(tmp_path):
     """A tiny pretraining keeps a snapshot at every eval; each loads as the model was then, and the tool fine-tunes
     one and reads its final table (a minute: the SFT runs in its own process)."""
+    import json
     import train_pretrain
     from minigpt.checkpoint import load_checkpoint
     run = str(tmp_path / "pre")
@@ -260,5 +261,15 @@ def test_time_to_rhyme_fine_tunes_each_kept_snapshot(tmp_path):
     assert not torch.equal(load_checkpoint(found[1][3])[0].tok_emb.weight, final.tok_emb.weight)
     points = tool.main([run, "--minutes", "100", "--sft-preset", "tiny", "--corpus", FIXTURE_CORPUS,
                         "--out-dir", str(tmp_path / "ttr")])
-    assert [p["step"] for p in points] == [20] and 0 <= points[0]["rhyme"] <= 1
+    final = tmp_path / "ttr" / "pre" / "step_20" / "final.json"
+    tuned = json.loads(final.read_text(encoding="utf-8"))["fine-tuned"]
+    assert [p["step"] for p in points] == [20] and points[0]["rhyme"] == tuned["rhyme_rate"]
+    assert points[0]["regular"] == tuned["regular_rate"] and points[0]["stop"] == tuned["stop_rate"]
     assert (tmp_path / "ttr" / "pre" / "time_to_rhyme.png").exists()
+    stamp = final.stat().st_mtime_ns
+    again = tool.main([run, "--minutes", "100", "--sft-preset", "tiny", "--corpus", FIXTURE_CORPUS,
+                       "--out-dir", str(tmp_path / "ttr"), "--name", "tiny"])
+    assert again == points and final.stat().st_mtime_ns == stamp  # read again, not trained again
+    import shutil
+    shutil.rmtree(os.path.join(run, "snapshots"))  # a run without snapshots: its last checkpoint alone
+    assert [s[1] for s in tool.snapshots(run)] == [20]

@@ -8,6 +8,8 @@ poems and the same poems with their line endings shuffled across poems (the chan
     python tools/time_to_rhyme.py runs/pretrain_class --minutes 2 3 4 5
     python tools/time_to_rhyme.py runs/pretrain --minutes 3.5 7 10.5 14 --plot-with runs/time_to_rhyme/pretrain_class
 
+A run that kept no snapshots gives one point, its last checkpoint. A point fine-tuned before is read again.
+
 Each point is one SFT run (about five minutes on 2 CPU cores); nothing else should run meanwhile.
 """
 import argparse
@@ -25,9 +27,11 @@ from minigpt.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 
 
 def snapshots(run):
-    """[(minutes, step, val loss, path)] of a run's kept snapshots, in order of steps."""
+    """[(minutes, step, val loss, path)] of a run's kept snapshots, in order of steps; a run that kept none gives its
+    last checkpoint alone."""
+    paths = glob.glob(os.path.join(run, "snapshots", "step_*.pt")) or [os.path.join(run, "ckpt.pt")]
     found = []
-    for path in glob.glob(os.path.join(run, "snapshots", "step_*.pt")):
+    for path in paths:
         ev = load_checkpoint(path)[2]["last_eval"]
         found.append((ev["elapsed_s"] / 60, ev["step"], ev["val_loss"], path))
     return sorted(found, key=lambda s: s[1])
@@ -45,8 +49,14 @@ def at_minutes(found, minutes):
     return picked
 
 
-def fine_tune(snapshot, out_dir, sft_args):
-    """train_sft.py from one snapshot; its final table's columns (final.json)."""
+def fine_tune(snapshot, out_dir, sft_args, again=False):
+    """train_sft.py from one snapshot; its final table's columns (final.json). A point fine-tuned before is read
+    again, not trained again, unless again is set."""
+    final = os.path.join(out_dir, "final.json")
+    if os.path.exists(final) and not again:
+        print(f"{out_dir}: fine-tuned before; read again (--overwrite trains it again)")
+        with open(final, encoding="utf-8") as f:
+            return json.load(f)
     cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"), "--init-from", snapshot, "--out-dir", out_dir, "--overwrite", *sft_args]
     print("$ " + " ".join(["train_sft.py", *cmd[2:]]), flush=True)
     done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # its progress bar: not here
@@ -70,8 +80,9 @@ def format_points(name, points):
     lines = [f"{name}: minutes of pretraining -> the class SFT's answers on test titles",
              f"{'minutes':>8} {'step':>6} {'val loss':>9} {'stop':>7} {'regular':>8} {'rhymes':>7}"]
     for p in points:
+        rhyme = "—" if p["rhyme"] is None else f"{p['rhyme']:.1%}"  # None: no regular answer to rhyme
         lines.append(f"{p['minutes']:8.1f} {p['step']:6d} {p['val_loss']:9.3f} {p['stop']:7.1%} {p['regular']:8.1%} "
-                     f"{p['rhyme']:7.1%}")
+                     f"{rhyme:>7}")
     return "\n".join(lines)
 
 
@@ -82,6 +93,8 @@ def main(argv=None):
     p.add_argument("--out-dir", default=os.path.join("runs", "time_to_rhyme"), help="a folder per run, one per point")
     p.add_argument("--sft-preset", default="class", help="the SFT preset every point gets (default: the lesson's)")
     p.add_argument("--corpus", help="the corpus of the pretraining run (default: the project's)")
+    p.add_argument("--name", help="the run's name in the table and the plot (default: its folder's)")
+    p.add_argument("--overwrite", action="store_true", help="fine-tune again the points that were fine-tuned before")
     p.add_argument("--plot-with", nargs="*", default=[], help="earlier outputs of this tool to draw on the same plot")
     args = p.parse_args(argv)
     try:
@@ -90,13 +103,13 @@ def main(argv=None):
         print(f"error: {e}; train it with python train_pretrain.py --keep-snapshots --out-dir {args.run}",
               file=sys.stderr)
         raise SystemExit(2) from None
-    name = os.path.basename(os.path.normpath(args.run))
-    out = os.path.join(args.out_dir, name)
+    folder = os.path.basename(os.path.normpath(args.run))
+    name, out = args.name or folder, os.path.join(args.out_dir, folder)
     points = []
     for minutes, step, val_loss, path in picked:
         point_dir = os.path.join(out, f"step_{step}")
         sft_args = ["--preset", args.sft_preset] + (["--corpus", args.corpus] if args.corpus else [])
-        tuned = fine_tune(path, point_dir, sft_args)["fine-tuned"]
+        tuned = fine_tune(path, point_dir, sft_args, args.overwrite)["fine-tuned"]
         points.append({"minutes": minutes, "step": step, "val_loss": val_loss, "stop": tuned["stop_rate"],
                        "regular": tuned["regular_rate"], "rhyme": tuned["rhyme_rate"]})
         print(format_points(name, points), flush=True)
