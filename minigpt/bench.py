@@ -183,7 +183,7 @@ def _part_forwards(model, x, h0):
 
     return {
         "embedding": (lambda i: model.tok_emb(i) + model.pos_emb(torch.arange(T, device=i.device)), x, False),
-        "blocks (4 x attention + MLP)": (blocks, h0, False),
+        "blocks (attention + MLP, every layer)": (blocks, h0, False),
         "output layer: matmul": (lambda h: model.lm_head(h), h0, False),
         "output layer + loss": (lambda h: F.cross_entropy(model.lm_head(h).view(B * T, V), x.view(B * T),
                                                            ignore_index=IGNORE_INDEX), h0, True),

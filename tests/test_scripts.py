@@ -173,6 +173,17 @@ def test_benchmark_runs_on_a_tiny_setting(capsys):
     assert stop.value.code == 2 and "unknown device 'tpu'" in capsys.readouterr().err
 
 
+def test_the_step_profile_times_every_part(splits, tokenizer):
+    from minigpt import bench
+    from minigpt.data import PretrainData
+    from minigpt.model import GPTConfig
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    ms = bench.step_profile(cfg, 4, reps=2, data=PretrainData(splits, tokenizer))
+    assert list(ms) == ["data (a batch of windows)", "embedding", "blocks (attention + MLP, every layer)", "output layer: matmul",
+                        "output layer + loss", "whole model + loss", "optimizer (Muon + AdamW)", "whole step"]
+    assert all(t > 0 for t in ms.values())
+
+
 @pytest.fixture(scope="module")
 def finetuned(pretrained, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")

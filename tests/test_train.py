@@ -8,7 +8,7 @@ import torch
 import train_pretrain
 from conftest import FIXTURE_CORPUS
 from minigpt import cli, train
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, IGNORE_INDEX, GPTConfig
 from minigpt.train import TrainConfig, autocast_dtype, lr_at, make_optimizer
 
 
@@ -181,3 +181,23 @@ def test_every_mutant_of_the_yardstick_and_the_loop_is_caught():
     import mutants
     rows = mutants.main([])
     assert [name for name, verdict, _ in rows if verdict != "caught"] == []
+
+
+@pytest.mark.slow
+def test_the_compiled_loss_function_is_the_loss_and_its_gradients():
+    """Training compiles the stage's loss function (model and loss in one graph that returns the loss alone): the
+    same loss and the same gradients as eager, in float32 (half a minute: it compiles)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    x, y = torch.randint(50, (4, 16)), torch.randint(50, (4, 16))
+    y[:, :3] = IGNORE_INDEX
+    eager_loss, eager_count = train.lm_loss(model, (x, y))
+    eager_loss.backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled = train.CompiledOrNot(train.lm_loss)
+    loss, count = compiled(model, (x, y))
+    loss.backward()
+    assert compiled.compiled is not None  # it did compile (a failed compile falls back to eager and says so)
+    assert torch.allclose(loss, eager_loss, atol=1e-5) and count == eager_count == 4 * 13
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), eager))
