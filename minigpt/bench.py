@@ -248,9 +248,9 @@ def profile_main(args, device):
             for comp in ((False,) if args.no_compile else (False, True))}
     print(f"one pretraining step: the cpu preset's model, batch {batch}, {'bfloat16 autocast' if dtype else 'float32'}; "
           f"each part forward and backward alone, median of {reps} (ms, and share of the whole step)")
-    print(f"  {'':32s}" + "".join(f"{'compiled' if comp else 'uncompiled':>20s}" for comp in runs))
+    print(f"  {'':38s}" + "".join(f"{'compiled' if comp else 'uncompiled':>20s}" for comp in runs))
     for name in runs[False]:
-        print(f"  {name:32s}" + "".join(f"{ms[name]:10.1f} ms {ms[name] / ms['whole step']:6.0%}  " for ms in runs.values()))
+        print(f"  {name:38s}" + "".join(f"{ms[name]:10.1f} ms {ms[name] / ms['whole step']:6.0%}  " for ms in runs.values()))
     return runs
 
 

@@ -55,15 +55,15 @@ def fine_tune(snapshot, out_dir, sft_args, again=False):
     final = os.path.join(out_dir, "final.json")
     if os.path.exists(final) and not again:
         print(f"{out_dir}: fine-tuned before; read again (--overwrite trains it again)")
-        with open(final, encoding="utf-8") as f:
-            return json.load(f)
-    cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"), "--init-from", snapshot, "--out-dir", out_dir, "--overwrite", *sft_args]
-    print("$ " + " ".join(["train_sft.py", *cmd[2:]]), flush=True)
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # its progress bar: not here
-    if done.returncode:
-        raise SystemExit(f"error: the SFT run above ended with exit code {done.returncode}: "
-                         f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no message'}")
-    with open(os.path.join(out_dir, "final.json"), encoding="utf-8") as f:
+    else:
+        cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"), "--init-from", snapshot, "--out-dir", out_dir,
+               "--overwrite", *sft_args]
+        print("$ " + " ".join(["train_sft.py", *cmd[2:]]), flush=True)
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # no progress bar here
+        if done.returncode:
+            raise SystemExit(f"error: the SFT run above ended with exit code {done.returncode}: "
+                             f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no message'}")
+    with open(final, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -76,8 +76,8 @@ def chance_levels(out_dir):
     return float(real) / 100, float(shuffled) / 100
 
 
-def format_points(name, points):
-    lines = [f"{name}: minutes of pretraining -> the class SFT's answers on test titles",
+def format_points(name, points, preset="class"):
+    lines = [f"{name}: minutes of pretraining -> the {preset} SFT's answers on test titles",
              f"{'minutes':>8} {'step':>6} {'val loss':>9} {'stop':>7} {'regular':>8} {'rhymes':>7}"]
     for p in points:
         rhyme = "—" if p["rhyme"] is None else f"{p['rhyme']:.1%}"  # None: no regular answer to rhyme
@@ -99,24 +99,27 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         picked = at_minutes(snapshots(args.run), args.minutes)
-    except (CheckpointError, ValueError) as e:
+    except CheckpointError as e:  # it says which command writes one
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as e:
         print(f"error: {e}; train it with python train_pretrain.py --keep-snapshots --out-dir {args.run}",
               file=sys.stderr)
         raise SystemExit(2) from None
     folder = os.path.basename(os.path.normpath(args.run))
     name, out = args.name or folder, os.path.join(args.out_dir, folder)
+    sft_args = ["--preset", args.sft_preset] + (["--corpus", args.corpus] if args.corpus else [])
     points = []
     for minutes, step, val_loss, path in picked:
         point_dir = os.path.join(out, f"step_{step}")
-        sft_args = ["--preset", args.sft_preset] + (["--corpus", args.corpus] if args.corpus else [])
         tuned = fine_tune(path, point_dir, sft_args, args.overwrite)["fine-tuned"]
         points.append({"minutes": minutes, "step": step, "val_loss": val_loss, "stop": tuned["stop_rate"],
                        "regular": tuned["regular_rate"], "rhyme": tuned["rhyme_rate"]})
-        print(format_points(name, points), flush=True)
+        print(format_points(name, points, args.sft_preset), flush=True)
     real, shuffled = chance_levels(point_dir)
     with open(os.path.join(out, "points.json"), "w", encoding="utf-8") as f:
         json.dump({"name": name, "points": points, "real": real, "shuffled": shuffled}, f)
-    text = format_points(name, points) + (f"\n(rhymes: of the regular answers; real regular poems {real:.1%}, their "
+    text = format_points(name, points, args.sft_preset) + (f"\n(rhymes: of the regular answers; real regular poems {real:.1%}, their "
                                           f"endings shuffled across poems {shuffled:.1%}: the chance level)")
     with open(os.path.join(out, "table.txt"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
