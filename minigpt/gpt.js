@@ -1,72 +1,40 @@
 // The GPT of model.py written again in plain JavaScript, to run in a browser (or Node) with no dependency.
 // Same names and order as model.py: MLP, CausalSelfAttention, Block, GPT; then generate.py's KV cache, window
-// restart and sampling (temperature, top-k, top-p) with a seeded generator. A batch of one: the T tokens of a prompt
-// (or of a window read again) go through together, then one token at a time.
+// restart and sampling (temperature, top-k, top-p) with a seeded generator. One token at a time, batch of one.
 // Read it beside model.py; python -m minigpt.web inlines it into the page, and tests/test_web.py holds the two equal.
 "use strict";
 
-// ---- the pieces: T tokens' vectors side by side in one Float32Array (T, n); sums run in JavaScript's 64-bit numbers ----
+// ---- the pieces: vectors are Float32Arrays, sums run in JavaScript's 64-bit numbers ----
 
-function linear(x, w, b, nOut) {  // y = x W^T + b for each of the T rows of x; W (nOut, nIn) row-major, as nn.Linear
-  const nIn = w.length / nOut, T = x.length / nIn, y = new Float32Array(T * nOut);
-  let t = 0;
-  for (; t + 2 <= T; t += 2) rowsOfTwo(x, t * nIn, w, nIn, nOut, y, t * nOut);  // two tokens: each weight read once
-  if (t < T) rowsOfOne(x, t * nIn, w, nIn, nOut, y, t * nOut);
-  if (b) for (let j = 0; j < y.length; j++) y[j] += b[j % nOut];
-  return y;
-}
-
-function rowsOfOne(x, xa, w, nIn, nOut, y, ya) {  // one token: eight rows at a time, each x[i] read once for them
+function linear(x, w, b, nOut) {  // y = W x + b; W (nOut, nIn) row-major, as nn.Linear stores it
+  const nIn = x.length, y = new Float32Array(nOut);
   let o = 0;
-  for (; o + 8 <= nOut; o += 8) {
+  for (; o + 8 <= nOut; o += 8) {  // eight rows at a time, each x[i] read once for them: 2x one row
     const r0 = o * nIn, r1 = r0 + nIn, r2 = r1 + nIn, r3 = r2 + nIn, r4 = r3 + nIn, r5 = r4 + nIn, r6 = r5 + nIn, r7 = r6 + nIn;
     let s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
     for (let i = 0; i < nIn; i++) {
-      const xi = x[xa + i];
+      const xi = x[i];
       s0 += w[r0 + i] * xi; s1 += w[r1 + i] * xi; s2 += w[r2 + i] * xi; s3 += w[r3 + i] * xi;
       s4 += w[r4 + i] * xi; s5 += w[r5 + i] * xi; s6 += w[r6 + i] * xi; s7 += w[r7 + i] * xi;
     }
-    y[ya + o] = s0; y[ya + o + 1] = s1; y[ya + o + 2] = s2; y[ya + o + 3] = s3;
-    y[ya + o + 4] = s4; y[ya + o + 5] = s5; y[ya + o + 6] = s6; y[ya + o + 7] = s7;
+    y[o] = s0; y[o + 1] = s1; y[o + 2] = s2; y[o + 3] = s3; y[o + 4] = s4; y[o + 5] = s5; y[o + 6] = s6; y[o + 7] = s7;
   }
   for (; o < nOut; o++) {
     let s = 0;
-    for (let i = 0, r = o * nIn; i < nIn; i++) s += w[r + i] * x[xa + i];
-    y[ya + o] = s;
+    for (let i = 0, r = o * nIn; i < nIn; i++) s += w[r + i] * x[i];
+    y[o] = s;
   }
+  if (b) for (let j = 0; j < nOut; j++) y[j] += b[j];
+  return y;
 }
 
-function rowsOfTwo(x, xa, w, nIn, nOut, y, ya) {  // two tokens, four rows: the same sums in the same order as one token
-  const xb = xa + nIn, yb = ya + nOut;
-  let o = 0;
-  for (; o + 4 <= nOut; o += 4) {
-    const r0 = o * nIn, r1 = r0 + nIn, r2 = r1 + nIn, r3 = r2 + nIn;
-    let a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-    for (let i = 0; i < nIn; i++) {
-      const p = x[xa + i], q = x[xb + i], w0 = w[r0 + i], w1 = w[r1 + i], w2 = w[r2 + i], w3 = w[r3 + i];
-      a0 += w0 * p; a1 += w1 * p; a2 += w2 * p; a3 += w3 * p;
-      b0 += w0 * q; b1 += w1 * q; b2 += w2 * q; b3 += w3 * q;
-    }
-    y[ya + o] = a0; y[ya + o + 1] = a1; y[ya + o + 2] = a2; y[ya + o + 3] = a3;
-    y[yb + o] = b0; y[yb + o + 1] = b1; y[yb + o + 2] = b2; y[yb + o + 3] = b3;
-  }
-  for (; o < nOut; o++) {
-    let a = 0, c = 0;
-    for (let i = 0, r = o * nIn; i < nIn; i++) { a += w[r + i] * x[xa + i]; c += w[r + i] * x[xb + i]; }
-    y[ya + o] = a; y[yb + o] = c;
-  }
-}
-
-function layerNorm(x, p) {  // nn.LayerNorm of each row: zero mean, unit variance (eps 1e-5), a learned scale and shift
-  const C = p.weight.length, y = new Float32Array(x.length);
-  for (let r = 0; r < x.length; r += C) {
-    let mean = 0, v = 0;
-    for (let i = r; i < r + C; i++) mean += x[i];
-    mean /= C;
-    for (let i = r; i < r + C; i++) v += (x[i] - mean) * (x[i] - mean);
-    const inv = 1 / Math.sqrt(v / C + 1e-5);
-    for (let i = 0; i < C; i++) y[r + i] = (x[r + i] - mean) * inv * p.weight[i] + p.bias[i];
-  }
+function layerNorm(x, p) {  // nn.LayerNorm: zero mean, unit variance (eps 1e-5), then a learned scale and shift
+  let mean = 0, v = 0;
+  for (const a of x) mean += a;
+  mean /= x.length;
+  for (const a of x) v += (a - mean) * (a - mean);
+  const inv = 1 / Math.sqrt(v / x.length + 1e-5), y = new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) y[i] = (x[i] - mean) * inv * p.weight[i] + p.bias[i];
   return y;
 }
 
@@ -81,49 +49,40 @@ const gelu = (x) => 0.5 * x * (1 + erf(x / Math.SQRT2));  // F.gelu, the exact o
 
 class MLP {
   constructor(p, C) { this.p = p; this.C = C; }
-  forward(x) {  // (T, C): widen 4x, GELU, back to C
-    const h = linear(x, this.p.fc.weight, this.p.fc.bias, 4 * this.C).map(gelu);  // (T, 4C)
+  forward(x) {  // widen 4x, GELU, back to C
+    const h = linear(x, this.p.fc.weight, this.p.fc.bias, 4 * this.C).map(gelu);
     return linear(h, this.p.proj.weight, this.p.proj.bias, this.C);
   }
 }
 
 class CausalSelfAttention {
   constructor(p, cfg) { this.p = p; this.nh = cfg.n_head; this.C = cfg.n_embd; }
-  forward(x, cache) {  // x (T, C) the newest tokens; cache.k, cache.v (block_size, C) hold the S earlier positions
-    const C = this.C, T = x.length / C;
-    const qkv = linear(x, this.p.qkv.weight, this.p.qkv.bias, 3 * C);  // (T, 3C): queries, keys, values in one matmul
-    const y = new Float32Array(T * C);
-    for (let t = 0; t < T; t++) {  // in order: token t's key and value join the cache, then it reads the cache
-      const row = qkv.subarray(3 * C * t, 3 * C * (t + 1));
-      cache.k.set(row.subarray(C, 2 * C), cache.n * C);
-      cache.v.set(row.subarray(2 * C), cache.n * C);
-      cache.n += 1;
-      this.attend(row, cache, y.subarray(C * t, C * (t + 1)));
-    }
-    return linear(y, this.p.proj.weight, this.p.proj.bias, C);
-  }
-  attend(qkv, cache, y) {  // one token's query against the cache's n keys (its own last): y (C,), heads side by side
-    const C = this.C, nh = this.nh, hs = C / nh, n = cache.n, root = Math.sqrt(hs);
-    const mean = new Float32Array(n), att = new Float64Array(n), acc = new Float64Array(hs);  // mean: for the page
+  forward(x, cache) {  // x (C,) the newest token; cache.k, cache.v (block_size, C) hold the S earlier positions
+    const C = this.C, nh = this.nh, hs = C / nh, S = cache.n;
+    const qkv = linear(x, this.p.qkv.weight, this.p.qkv.bias, 3 * C);  // queries, keys and values in one matmul
+    cache.k.set(qkv.subarray(C, 2 * C), S * C);  // this position's key and value join the cache
+    cache.v.set(qkv.subarray(2 * C), S * C);
+    cache.n = S + 1;
+    const y = new Float32Array(C), mean = new Float32Array(S + 1);  // mean: attention over heads, for the page
     for (let h = 0; h < nh; h++) {
-      // scores scaled by 1/sqrt(hs); the token sees every cached key, none of the future (the cache holds none)
+      // scores scaled by 1/sqrt(hs); the newest token sees every cached key, none of the future (there is none)
+      const att = new Float64Array(S + 1);
       let max = -Infinity, sum = 0;
-      for (let j = 0; j < n; j++) {
+      for (let j = 0; j <= S; j++) {
         let s = 0;
-        for (let i = 0, k = j * C + h * hs; i < hs; i++) s += qkv[h * hs + i] * cache.k[k + i];
-        att[j] = s / root;
-        if (att[j] > max) max = att[j];
+        for (let i = 0; i < hs; i++) s += qkv[h * hs + i] * cache.k[j * C + h * hs + i];
+        att[j] = s / Math.sqrt(hs);
+        max = Math.max(max, att[j]);
       }
-      for (let j = 0; j < n; j++) sum += (att[j] = Math.exp(att[j] - max));
-      acc.fill(0);
-      for (let j = 0; j < n; j++) {
-        const a = att[j] / sum;
-        mean[j] += a / nh;
-        for (let i = 0, v = j * C + h * hs; i < hs; i++) acc[i] += a * cache.v[v + i];
+      for (let j = 0; j <= S; j++) sum += (att[j] = Math.exp(att[j] - max));
+      for (let j = 0; j <= S; j++) {
+        att[j] /= sum;
+        mean[j] += att[j] / nh;
+        for (let i = 0; i < hs; i++) y[h * hs + i] += att[j] * cache.v[j * C + h * hs + i];  // heads side by side
       }
-      for (let i = 0; i < hs; i++) y[h * hs + i] = acc[i];  // the head's weighted values, summed in 64 bits
     }
     this.last = mean;
+    return linear(y, this.p.proj.weight, this.p.proj.bias, C);
   }
 }
 
@@ -132,12 +91,11 @@ class Block {  // pre-norm: normalise, transform, add back
     this.ln_1 = p.ln_1; this.attn = new CausalSelfAttention(p.attn, cfg);
     this.ln_2 = p.ln_2; this.mlp = new MLP(p.mlp, cfg.n_embd);
   }
-  forward(x, cache) {  // (T, C)
+  forward(x, cache) {
     const a = this.attn.forward(layerNorm(x, this.ln_1), cache);
-    for (let i = 0; i < x.length; i++) x[i] += a[i];
+    x = x.map((v, i) => v + a[i]);
     const m = this.mlp.forward(layerNorm(x, this.ln_2));
-    for (let i = 0; i < x.length; i++) x[i] += m[i];
-    return x;
+    return x.map((v, i) => v + m[i]);
   }
 }
 
@@ -152,17 +110,15 @@ class GPT {
     const n = this.config.block_size * this.config.n_embd;
     return this.blocks.map(() => ({ k: new Float32Array(n), v: new Float32Array(n), n: 0 }));
   }
-  forward(ids, caches, logits = true) {
-    // token ids at the next positions -> the last one's logits (V,); every layer's cache grows by ids.length. Only
-    // the last token's logits: a prompt's earlier tokens would have 9,017 each, all thrown away. logits false: none
-    const C = this.config.n_embd, pos = caches[0].n, T = ids.length;
-    const x = new Float32Array(T * C);  // (T, C)
-    for (let t = 0; t < T; t++) {
-      for (let i = 0; i < C; i++) x[t * C + i] = this.tok_emb[ids[t] * C + i] + this.pos_emb[(pos + t) * C + i];
-    }
-    this.blocks.forEach((b, l) => b.forward(x, caches[l]));
+  forward(id, caches, logits = true) {
+    // one token id at the next position -> logits (V,); every layer's cache grows by one. logits false: only the
+    // caches grow (a token read before the last one of a prompt: its 9,017 logits would be thrown away)
+    const C = this.config.n_embd, pos = caches[0].n;
+    let x = new Float32Array(C);
+    for (let i = 0; i < C; i++) x[i] = this.tok_emb[id * C + i] + this.pos_emb[pos * C + i];
+    this.blocks.forEach((b, l) => { x = b.forward(x, caches[l]); });
     if (!logits) return null;
-    return linear(layerNorm(x.subarray((T - 1) * C), this.ln_f), this.tok_emb, null, this.config.vocab_size);
+    return linear(layerNorm(x, this.ln_f), this.tok_emb, null, this.config.vocab_size);
   }
 }
 
@@ -230,16 +186,16 @@ class Writer {
     this.model = model; this.W = model.config.block_size;
     this.read(this.ids = promptIds.slice(-this.W));
   }
-  read(ids) {  // fresh caches, then the tokens of ids, two at a time: the last one's logits predict what comes next
+  read(ids) {  // fresh caches, then every token of ids in turn: the last one's logits predict what comes next
     this.caches = this.model.newCaches();
-    this.logits = this.model.forward(ids, this.caches);
+    ids.forEach((id, j) => { this.logits = this.model.forward(id, this.caches, j === ids.length - 1); });
     this.looked = this.model.blocks.map((b) => b.attn.last);  // [layer][key]: the newest token's attention
   }
   append(id) {
     this.ids.push(id);
     if (this.ids.length > this.W) this.read(this.ids = this.ids.slice(-(this.W >> 1)));
     else {
-      this.logits = this.model.forward([id], this.caches);
+      this.logits = this.model.forward(id, this.caches);
       this.looked = this.model.blocks.map((b) => b.attn.last);
     }
   }
@@ -247,7 +203,7 @@ class Writer {
     const saved = this.caches.map((c) => c.n);
     let logits = this.logits, caches = this.caches, p = 1;
     for (let j = 0; j < ids.length; j++) {
-      if (j > 0 && caches[0].n < this.W) logits = this.model.forward([ids[j - 1]], caches);
+      if (j > 0 && caches[0].n < this.W) logits = this.model.forward(ids[j - 1], caches);
       else if (j > 0) {  // a full window restarts from its last half, as append does
         const w = new Writer(this.model, this.ids.concat(ids.slice(0, j)).slice(-(this.W >> 1)));
         logits = w.logits; caches = w.caches;

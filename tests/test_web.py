@@ -311,32 +311,3 @@ def test_gpt_js_gelu_is_the_exact_one_to_float32_precision():
                                                 check=True).stdout), dtype=torch.float64)
     assert ((js - torch.nn.functional.gelu(xs)).abs() / (1 + xs.abs())).max() < 1e-7
     assert (js - torch.nn.functional.gelu(xs, approximate="tanh")).abs().max() > 1e-4
-
-
-def test_gpt_js_reads_a_prompt_at_once_exactly_as_one_token_at_a_time(tmp_path):
-    """The page reads a prompt (and a window read again) two tokens at a time through each matrix: the same sums in
-    the same order, so the logits, the caches and the attention shown equal a token-by-token read bit for bit."""
-    need("node")
-    import json
-    import subprocess
-    model = sharp(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=4, n_embd=32))
-    meta, blob = web.export(model, 8)
-    (tmp_path / "w.bin").write_bytes(blob)
-    script = (f"const m = require({json.dumps(web.GPT_JS)}), fs = require('fs');"
-              f"const g = m.loadModel({json.dumps(meta)}, new Uint8Array(fs.readFileSync({json.dumps(str(tmp_path / 'w.bin'))})));"
-              "const out = [];"
-              "for (const n of [1, 2, 7, 12]) {"
-              "  const ids = Array.from({length: n}, (_, i) => (i * 7 + 3) % 40);"
-              "  const once = g.newCaches(), one = g.newCaches();"
-              "  const a = g.forward(ids, once); const lastOnce = g.blocks.map((b) => Array.from(b.attn.last));"
-              "  let b; ids.forEach((id, j) => { b = g.forward([id], one, j === ids.length - 1); });"
-              "  const lastOne = g.blocks.map((b) => Array.from(b.attn.last));"
-              "  out.push({logits: Array.from(a).every((v, i) => v === b[i]),"
-              "            caches: once.every((c, l) => c.n === n && one[l].n === n && c.k.every((v, i) => v === one[l].k[i])"
-              "                                          && c.v.every((v, i) => v === one[l].v[i])),"
-              "            attention: JSON.stringify(lastOnce) === JSON.stringify(lastOne), spread: Math.max(...a) - Math.min(...a)});"
-              "}"
-              "console.log(JSON.stringify(out))")
-    out = json.loads(subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True).stdout)
-    assert all(r["logits"] and r["caches"] and r["attention"] for r in out), out
-    assert all(r["spread"] > 1 for r in out)  # real logits, not a constant that would equal anything
