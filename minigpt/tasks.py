@@ -430,9 +430,9 @@ def examples(poems, tasks, rhyme_groups, held_out=False, train=True, fmt=None):
     never-trained combinations; held_out=True phrases them with the held-out phrasings. Two-turn tasks only in the
     chat format (fmt=CHAT); their partner poems are the first of PARTNERS drawn from the same poems by a fixed
     stride that suit. A task that is measured only (trained=False) gives no training examples."""
-    out = []
+    out, two_turns = [], fmt is CHAT and any(t.two_turns for t in tasks)
     for i, p in enumerate(poems):
-        partners = tuple(poems[(i * 7919 + 13 * (j + 1)) % len(poems)] for j in range(PARTNERS))
+        partners = tuple(poems[(i * 7919 + 13 * (j + 1)) % len(poems)] for j in range(PARTNERS)) if two_turns else ()
         for task in tasks:
             if (task.two_turns and fmt is not CHAT) or (train and not task.trained):
                 continue

@@ -377,16 +377,16 @@ class Run:
         """A checkpoint of everything a resumed run needs, in every process (each one's random state included)."""
         rng = self.procs.rng_states()
         if self.procs.lead:
-            model = {**self.extra, "model": saved_state(self.model), "train_config": asdict(self.cfg),
-                     "step": self.step, "last_eval": json.loads(json.dumps(self.last_eval))}
+            payload = {**self.extra, "model": saved_state(self.model), "train_config": asdict(self.cfg),
+                       "step": self.step, "last_eval": json.loads(json.dumps(self.last_eval))}
             save_checkpoint(self.ckpt_path, {
-                **model, "optimizer": self.opt.state_dict(), "tokens": self.tokens, **self.clock.state(),
+                **payload, "optimizer": self.opt.state_dict(), "tokens": self.tokens, **self.clock.state(),
                 "window": list(self.window), "val_loss": self.last_eval.get("val_loss"),
                 "rng": {**rng, "data": self.data_gen.get_state()}})
             if self.cfg.keep_snapshots:  # the model alone, loadable as a checkpoint: what it was at this eval
                 folder = os.path.join(os.path.dirname(self.ckpt_path), "snapshots")
                 os.makedirs(folder, exist_ok=True)
-                save_checkpoint(os.path.join(folder, f"step_{self.step}.pt"), model)
+                save_checkpoint(os.path.join(folder, f"step_{self.step}.pt"), payload)
         self.saved_step = self.step
 
 

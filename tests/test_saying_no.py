@@ -101,18 +101,17 @@ def test_a_persona_conversation_holds_its_earlier_turns_and_fits_the_context(tok
     assert BY_NAME["persona_turns"].check("登樓", naming) and not BY_NAME["persona_turns"].check(WUJUE, naming)
 
 
-def test_a_persona_conversation_finds_its_two_partners_when_one_poem_in_13_is_a_wujue():
+def test_a_persona_conversation_finds_its_two_partners_when_one_poem_in_13_is_a_wujue(monkeypatch):
     """The corpus has one 五言絕句 in 13 poems: among PARTNERS others nearly every one finds two more (among 16, a
     third did)."""
-    from minigpt import tasks
     import random
+    from minigpt import tasks
     forms = random.Random(0).choices([WUJUE, WULU], weights=[1, 12], k=13 * 60)
     poems = poems_of(*[(f"題{i}", body) for i, body in enumerate(forms)])
     conversations = len(examples(poems, [BY_NAME["persona_turns"]], {}, fmt=CHAT))
     assert conversations >= 0.9 * forms.count(WUJUE)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tasks, "PARTNERS", 16)
-        assert len(examples(poems, [BY_NAME["persona_turns"]], {}, fmt=CHAT)) < 0.7 * conversations
+    monkeypatch.setattr(tasks, "PARTNERS", 16)
+    assert len(examples(poems, [BY_NAME["persona_turns"]], {}, fmt=CHAT)) < 0.7 * conversations
 
 
 def stand_in_writer(monkeypatch, *turns):

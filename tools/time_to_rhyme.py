@@ -119,8 +119,9 @@ def main(argv=None):
     real, shuffled = chance_levels(point_dir)
     with open(os.path.join(out, "points.json"), "w", encoding="utf-8") as f:
         json.dump({"name": name, "points": points, "real": real, "shuffled": shuffled}, f)
-    text = format_points(name, points, args.sft_preset) + (f"\n(rhymes: of the regular answers; real regular poems {real:.1%}, their "
-                                          f"endings shuffled across poems {shuffled:.1%}: the chance level)")
+    text = format_points(name, points, args.sft_preset) + (f"\n(rhymes: of the regular answers; real regular poems "
+                                                          f"{real:.1%}, their endings shuffled across poems "
+                                                          f"{shuffled:.1%}: the chance level)")
     with open(os.path.join(out, "table.txt"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     from minigpt.plot import plot_time_to_rhyme
