@@ -7,10 +7,16 @@ losses are nats per character of the same val text: minigpt's 320 windows of 128
 
     git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT    # once; nothing is downloaded here
     python tools/nanogpt_side_by_side.py --nanogpt /tmp/nanoGPT --minutes 14
+    python tools/nanogpt_side_by_side.py --nanogpt /tmp/nanoGPT --throughput    # a minute: steps at the same shapes
 
 nanoGPT's schedule counts steps; its step count is fitted to the budget from the speed of its first 50 steps.
+--throughput times training steps instead, both models at minigpt's cpu preset shapes (4 x 128, context 128, batch
+32, 9,017 characters) on random ids: nanoGPT's model as its CPU recipe runs it (float32, uncompiled, AdamW), nanoGPT's
+model with minigpt's precision and compile (bfloat16 autocast where the CPU has it, the loss compiled), and minigpt's
+default step (the same, with Muon), interleaved over rounds so that a machine's drift falls on every row alike.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -18,10 +24,15 @@ import os
 import sys
 import time
 
+import statistics
+
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from minigpt.bench import train_rate  # noqa: E402
 from minigpt.data import PretrainData, build_tokenizer, load_poems, split_poems  # noqa: E402
+from minigpt.model import GPTConfig  # noqa: E402
+from minigpt.train import autocast_dtype  # noqa: E402
 
 RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, lr=1e-3, min_lr=1e-4, warmup=100,
               betas=(0.9, 0.99), weight_decay=0.1, grad_clip=1.0, dropout=0.0)  # nanoGPT's README, "on a CPU"
@@ -31,6 +42,7 @@ def load_nanogpt(path):
     """nanoGPT's model.py as a module, from a checkout."""
     spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(path, "model.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules["nanogpt_model"] = module  # torch.compile imports the module it traces
     spec.loader.exec_module(module)
     return module
 
@@ -88,6 +100,57 @@ def train_nanogpt(module, data, vocab_size, minutes, val_batches, seed=1337):
     return curve
 
 
+def nanogpt_rate(module, shapes, vocab_size, batch_size, steps, dtype=None, compile=False, warmup=3):
+    """Tokens per second of nanoGPT's model training at minigpt's shapes: its own optimizer and clip, random ids."""
+    torch.manual_seed(0)
+    cfg = module.GPTConfig(block_size=shapes["block_size"], vocab_size=vocab_size, n_layer=shapes["n_layer"],
+                           n_head=shapes["n_head"], n_embd=shapes["n_embd"], dropout=0.0, bias=True)
+    model = module.GPT(cfg).train()
+    opt = model.configure_optimizers(RECIPE["weight_decay"], RECIPE["lr"], RECIPE["betas"], "cpu")
+    if compile:
+        torch._dynamo.reset()
+    loss_of = lambda ids: model(ids, ids)[1]
+    step_loss = torch.compile(loss_of) if compile else loss_of
+    x = torch.randint(vocab_size, (batch_size, shapes["block_size"]))
+    amp = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+    for i in range(warmup + steps):
+        if i == warmup:
+            t = time.perf_counter()
+        with amp:
+            loss = step_loss(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE["grad_clip"])
+        opt.step()
+    return batch_size * shapes["block_size"] * steps / (time.perf_counter() - t)
+
+
+def throughput(module, vocab_size, steps=30, rounds=3):
+    """Training tokens per second at minigpt's cpu preset shapes, nanoGPT's model and minigpt's, median of rounds."""
+    import train_pretrain
+    ours = train_pretrain.PRESETS["cpu"]
+    shapes, batch, dtype = ours["model"], ours["batch_size"], autocast_dtype("auto", "cpu")
+    cfg = GPTConfig(vocab_size=vocab_size, **shapes)
+    rows = {"nanoGPT's model, its CPU recipe (float32, uncompiled, AdamW)":
+            lambda: nanogpt_rate(module, shapes, vocab_size, batch, steps),
+            f"nanoGPT's model, {'bfloat16 autocast' if dtype else 'float32'}, loss compiled, AdamW":
+            lambda: nanogpt_rate(module, shapes, vocab_size, batch, steps, dtype, compile=True),
+            f"minigpt's default step ({'bfloat16 autocast' if dtype else 'float32'}, loss compiled, Muon)":
+            lambda: train_rate(cfg, batch, steps, dtype, compile=True, optimizer=ours["optimizer"])[0]}
+    rates = {name: [] for name in rows}
+    for r in range(rounds):
+        for name, run in rows.items():
+            rates[name].append(run())
+            print(f"round {r + 1}: {name}: {rates[name][-1]:,.0f} tokens/s", flush=True)
+    base = statistics.median(next(iter(rates.values())))
+    print(f"\n{shapes['n_layer']} x {shapes['n_embd']}, context {shapes['block_size']}, batch {batch}, vocab "
+          f"{vocab_size}; {steps} steps a round, median of {rounds} rounds (range)")
+    for name, xs in rates.items():
+        m = statistics.median(xs)
+        print(f"  {name:72s} {m:8,.0f} tokens/s ({min(xs):,.0f}-{max(xs):,.0f})  x{m / base:.2f}")
+    return {name: statistics.median(xs) for name, xs in rates.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nanogpt", required=True, help="a checkout of github.com/karpathy/nanoGPT (its model.py is read)")
@@ -95,9 +158,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--minigpt-out", default=os.path.join("runs", "side_by_side", "minigpt"),
                    help="where minigpt's run goes (runs/pretrain makes it the quick start's model)")
+    p.add_argument("--throughput", action="store_true", help="time training steps at the same shapes instead")
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.nanogpt, "model.py")):
         raise SystemExit(f"error: no model.py in {args.nanogpt}; clone https://github.com/karpathy/nanoGPT and pass its folder")
+    if args.throughput:
+        return throughput(load_nanogpt(args.nanogpt), build_tokenizer(split_poems(load_poems())["train"]).vocab_size)
     import train_pretrain
     splits = split_poems(load_poems())
     tokenizer = build_tokenizer(splits["train"])
