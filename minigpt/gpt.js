@@ -1,12 +1,19 @@
 // The GPT of model.py written again in plain JavaScript, to run in a browser (or Node) with no dependency.
 // Same names and order as model.py: MLP, CausalSelfAttention, Block, GPT; then generate.py's KV cache, window
-// restart and sampling (temperature, top-k, top-p) with a seeded generator. One token at a time, batch of one.
+// restart and sampling (temperature, top-k, top-p) with a seeded generator. One token at a time, batch of one. Its
+// W x runs in a small WebAssembly SIMD kernel where the browser has one (Kernel, below the model), else in JavaScript.
 // Read it beside model.py; python -m minigpt.web inlines it into the page, and tests/test_web.py holds the two equal.
 "use strict";
 
 // ---- the pieces: vectors are Float32Arrays, sums run in JavaScript's 64-bit numbers ----
 
 function linear(x, w, b, nOut) {  // y = W x + b; W (nOut, nIn) row-major, as nn.Linear stores it
+  const kernel = KERNELS.get(w.buffer), y = kernel ? kernel.matvec(x, w, nOut) : matvec(x, w, nOut);
+  if (b) for (let j = 0; j < nOut; j++) y[j] += b[j];
+  return y;
+}
+
+function matvec(x, w, nOut) {  // W x in JavaScript, the sums in 64-bit numbers
   const nIn = x.length, y = new Float32Array(nOut);
   let o = 0;
   for (; o + 8 <= nOut; o += 8) {  // eight rows at a time, each x[i] read once for them: 2x one row
@@ -24,7 +31,6 @@ function linear(x, w, b, nOut) {  // y = W x + b; W (nOut, nIn) row-major, as nn
     for (let i = 0, r = o * nIn; i < nIn; i++) s += w[r + i] * x[i];
     y[o] = s;
   }
-  if (b) for (let j = 0; j < nOut; j++) y[j] += b[j];
   return y;
 }
 
@@ -64,22 +70,23 @@ class CausalSelfAttention {
     cache.v.set(qkv.subarray(2 * C), S * C);
     cache.n = S + 1;
     const y = new Float32Array(C), mean = new Float32Array(S + 1);  // mean: attention over heads, for the page
-    for (let h = 0; h < nh; h++) {
+    const att = new Float64Array(S + 1), acc = new Float64Array(hs), k = cache.k, v = cache.v, root = Math.sqrt(hs);
+    for (let h = 0, o = 0; h < nh; h++, o += hs) {  // head h: columns o .. o + hs of the queries, keys and values
       // scores scaled by 1/sqrt(hs); the newest token sees every cached key, none of the future (there is none)
-      const att = new Float64Array(S + 1);
       let max = -Infinity, sum = 0;
       for (let j = 0; j <= S; j++) {
         let s = 0;
-        for (let i = 0; i < hs; i++) s += qkv[h * hs + i] * cache.k[j * C + h * hs + i];
-        att[j] = s / Math.sqrt(hs);
-        max = Math.max(max, att[j]);
+        for (let i = 0, r = j * C + o; i < hs; i++) s += qkv[o + i] * k[r + i];
+        if ((att[j] = s / root) > max) max = att[j];
       }
       for (let j = 0; j <= S; j++) sum += (att[j] = Math.exp(att[j] - max));
+      acc.fill(0);
       for (let j = 0; j <= S; j++) {
-        att[j] /= sum;
-        mean[j] += att[j] / nh;
-        for (let i = 0; i < hs; i++) y[h * hs + i] += att[j] * cache.v[j * C + h * hs + i];  // heads side by side
+        const a = (att[j] /= sum);
+        mean[j] += a / nh;
+        for (let i = 0, r = j * C + o; i < hs; i++) acc[i] += a * v[r + i];
       }
+      y.set(acc, o);  // heads side by side
     }
     this.last = mean;
     return linear(y, this.p.proj.weight, this.p.proj.bias, C);
@@ -100,8 +107,10 @@ class Block {  // pre-norm: normalise, transform, add back
 }
 
 class GPT {
-  constructor(config, p) {  // p: the tensors by model.py's names, dequantized (see loadModel)
+  constructor(config, p, simd = SIMD !== null) {
+    // p: the tensors by model.py's names, dequantized (see loadModel); simd: the matrices go into a Kernel
     this.config = config;
+    if (simd && SIMD && config.n_embd % 4 === 0) Kernel.place(p, config);  // the kernel reads 4 floats at a time
     this.tok_emb = p.tok_emb; this.pos_emb = p.pos_emb;
     this.blocks = p.blocks.map((b) => new Block(b, config));
     this.ln_f = p.ln_f;  // lm_head is tok_emb: weight tying, as in model.py
@@ -215,11 +224,98 @@ class Writer {
   }
 }
 
+// ---- the same W x in WebAssembly SIMD: four float32 products in one instruction, where the browser has it ----
+// linear above is the model's arithmetic; this is only a faster way to do its W x (sums in float32, four rows at a
+// time, the four lanes added at the end). The module below is assembled from its instructions, one line each; Kernel
+// puts one model's matrices into a WebAssembly memory of its own. tests/test_web.py holds both paths to PyTorch.
+
+const leb = (n) => {  // an unsigned number in LEB128: seven bits a byte, the high bit set on all but the last
+  const out = [];
+  do { let b = n & 127; n >>>= 7; if (n) b |= 128; out.push(b); } while (n);
+  return out;
+};
+const vec = (items) => [...leb(items.length), ...items.flat()];
+const section = (id, body) => [id, ...leb(body.length), ...body];
+const name = (text) => vec([...text].map((c) => c.charCodeAt(0)));
+
+function simdLinear() {
+  // linear(w, x, y, nOut, nIn): y[o] = sum_i w[o * nIn + i] x[i]; w, x, y are byte offsets into the memory
+  const [W, X, Y, NOUT, NIN, O, R0, R1, R2, R3, I, RB, XV, A0, A1, A2, A3] = [...Array(17).keys()];  // params, locals
+  const get = (l) => [0x20, l], set = (l) => [0x21, l], i32 = (n) => [0x41, n];  // n < 64: one byte
+  const add = 0x6a, mul = 0x6c, shl = 0x74, ltU = 0x49, gtU = 0x4b, f32add = 0x92, end = 0x0b;
+  const simd = (op) => [0xfd, ...leb(op)];
+  const load = [...simd(0), 4, 0], zero = [...simd(12), ...Array(16).fill(0)];  // v128.load (align 16), v128.const 0
+  const fmul = simd(230), fadd = simd(228), lane = (k) => [...simd(31), k];  // f32x4.mul, f32x4.add, extract_lane
+  const macc = (a, r) => [get(a), get(r), get(I), add, load, get(XV), fmul, fadd, set(a)];  // a += w[r + i..] * x[i..]
+  const total = (a) => [get(a), lane(0), get(a), lane(1), f32add, get(a), lane(2), get(a), lane(3), f32add, f32add];
+  const store = (a, k) => [get(Y), get(O), i32(2), shl, add, total(a), 0x38, 2, 4 * k];  // f32.store y[o + k]
+  const rows = (n) => [  // while o + n <= nOut: n rows at a time, their products summed over i, 16 bytes a step
+    0x02, 0x40, 0x03, 0x40,  // block, loop
+    get(O), i32(n), add, get(NOUT), gtU, 0x0d, 1,  // o + n > nOut: out of the block
+    get(W), get(O), get(RB), mul, add, set(R0), get(R0), get(RB), add, set(R1),
+    get(R1), get(RB), add, set(R2), get(R2), get(RB), add, set(R3),
+    [A0, A1, A2, A3].slice(0, n).map((a) => [zero, set(a)]), i32(0), set(I),
+    0x03, 0x40,  // loop over i
+    get(X), get(I), add, load, set(XV),
+    [[A0, R0], [A1, R1], [A2, R2], [A3, R3]].slice(0, n).map(([a, r]) => macc(a, r)),
+    get(I), i32(16), add, 0x22, I, get(RB), ltU, 0x0d, 0, end,  // i += 16 while i < row bytes
+    [A0, A1, A2, A3].slice(0, n).map((a, k) => store(a, k)),
+    get(O), i32(n), add, set(O), 0x0c, 0, end, end,  // o += n, again
+  ];
+  const body = [
+    ...vec([[7, 0x7f], [5, 0x7b]]),  // locals: 7 i32 (o, r0-r3, i, rb), 5 v128 (xv, a0-a3)
+    ...[get(NIN), i32(2), shl, set(RB), rows(4), rows(1), end].flat(Infinity),
+  ];
+  return new Uint8Array([0, 0x61, 0x73, 0x6d, 1, 0, 0, 0,  // \0asm, version 1
+    ...section(1, vec([[0x60, ...vec(Array(5).fill(0x7f)), 0]])),  // type: (i32 x 5) -> ()
+    ...section(2, vec([[...name("env"), ...name("memory"), 2, 0, 1]])),  // import: a memory, at least one page
+    ...section(3, vec([[0]])),  // one function, of type 0
+    ...section(7, vec([[...name("linear"), 0, 0]])),  // export: function 0 as linear
+    ...section(10, vec([vec(body)]))]);  // code: its body
+}
+
+// compiled once; null where there is no WebAssembly SIMD (or a Content-Security-Policy forbids it): linear in JS
+const SIMD = (() => { try { return new WebAssembly.Module(simdLinear()); } catch (e) { return null; } })();
+const KERNELS = new WeakMap();  // a Kernel's memory -> the Kernel: linear looks its weights up here
+
+class Kernel {
+  static place(p, config) {  // move p's matrices (the four of each block, the token table) into a new Kernel
+    const mats = [p.tok_emb];
+    for (const b of p.blocks) mats.push(b.attn.qkv.weight, b.attn.proj.weight, b.mlp.fc.weight, b.mlp.proj.weight);
+    const k = new Kernel(mats, 4 * config.n_embd, Math.max(config.vocab_size, 4 * config.n_embd)), views = k.views;
+    p.tok_emb = views[0];
+    p.blocks.forEach((b, l) => {
+      [b.attn.qkv.weight, b.attn.proj.weight, b.mlp.fc.weight, b.mlp.proj.weight] = views.slice(1 + 4 * l, 5 + 4 * l);
+    });
+  }
+  constructor(mats, maxIn, maxOut) {  // one memory: the matrices, then room for x and y, each 16-byte aligned
+    const size = (n) => Math.ceil(n / 4) * 16, total = mats.reduce((t, m) => t + size(m.length), 0);
+    const memory = new WebAssembly.Memory({ initial: Math.ceil((total + size(maxIn) + size(maxOut)) / 65536) });
+    this.run = new WebAssembly.Instance(SIMD, { env: { memory } }).exports.linear;
+    let at = 0;
+    this.views = mats.map((m) => {
+      const v = new Float32Array(memory.buffer, at, m.length);
+      v.set(m);
+      at += size(m.length);
+      return v;
+    });
+    this.x = new Float32Array(memory.buffer, at, maxIn);
+    this.y = new Float32Array(memory.buffer, at + size(maxIn), maxOut);
+    KERNELS.set(memory.buffer, this);
+  }
+  matvec(x, w, nOut) {  // W x, W one of this kernel's views
+    this.x.set(x);
+    this.run(w.byteOffset, this.x.byteOffset, this.y.byteOffset, nOut, x.length);
+    return this.y.slice(0, nOut);
+  }
+}
+
 // ---- the weights: int8 rows with one float32 scale each (or float16), dequantized once when the page opens ----
 
-function loadModel(meta, bytes, adapter) {
+function loadModel(meta, bytes, adapter, simd = SIMD !== null) {
   // meta: {config, tensors: {name: {shape, dtype, offset, scales}}}; bytes: a Uint8Array of every tensor;
-  // adapter (optional): {meta, bytes} of a LoRA adapter (web.export_adapter), added to these weights
+  // adapter (optional): {meta, bytes} of a LoRA adapter (web.export_adapter), added to these weights;
+  // simd false: every product in JavaScript (the page's #nosimd)
   const get = (name) => {
     const t = meta.tensors[name], n = t.shape.reduce((a, b) => a * b), cols = t.shape[t.shape.length - 1];
     const out = new Float32Array(n), view = new DataView(bytes.buffer, bytes.byteOffset);
@@ -240,7 +336,7 @@ function loadModel(meta, bytes, adapter) {
   }
   const p = { tok_emb: get("tok_emb.weight"), pos_emb: get("pos_emb.weight"), blocks, ln_f: wb("ln_f") };
   if (adapter) applyAdapter(p, meta.config, adapter.meta, adapter.bytes);
-  return new GPT(meta.config, p);
+  return new GPT(meta.config, p, simd);
 }
 
 function applyAdapter(p, config, meta, bytes) {
@@ -275,5 +371,5 @@ function half(h) {  // IEEE float16 bits -> number
   return e === 31 ? (m ? NaN : s * Infinity) : s * (1 + m / 1024) * 2 ** (e - 15);
 }
 
-const minigpt = { GPT, Writer, loadModel, sampleNext, softmax, topK, argmax, mulberry32, gelu };
+const minigpt = { GPT, Writer, loadModel, sampleNext, softmax, topK, argmax, mulberry32, gelu, SIMD, Kernel, matvec };
 if (typeof module !== "undefined") module.exports = minigpt;  // Node (the parity test); in the page: a global

@@ -54,17 +54,17 @@ def test_the_export_stores_every_tensor_once(model):
     assert len(blob) < 1.1 * sum(p.numel() for p in model.parameters()) + 4 * 1000  # about a byte a weight
 
 
-@pytest.mark.parametrize("bits", [8, 16])
-def test_gpt_js_equals_pytorch_in_node(tokenizer, splits, bits):
+@pytest.mark.parametrize("bits,simd", [(8, True), (16, True), (8, False)])
+def test_gpt_js_equals_pytorch_in_node(tokenizer, splits, bits, simd):
     """Same logits within 1e-4 on the page's weights over 20 prompts, and the same greedy text, past a window
-    restart (block_size 32, 60 new tokens)."""
+    restart (block_size 32, 60 new tokens): W x in WebAssembly SIMD, as the page runs where it can, and in JavaScript."""
     need("node")
     cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32)
     model = sharp(cfg)
     titles = [p.title for p in splits["train"][:20]]
     prompts = [tokenizer.encode(f.prompt(t), unknown="unk") for t, f in zip(titles, [TITLE_TO_POEM, PLAIN] * 10)]
     prompts[0] = prompts[0] * 3  # longer than the window: both keep its last block_size tokens
-    js_logits, js_greedy = web.run_in_node(model, prompts, prompts, 60, tokenizer.end_id, bits)
+    js_logits, js_greedy = web.run_in_node(model, prompts, prompts, 60, tokenizer.end_id, bits, simd=simd)
     paged = web.as_page_sees(model, bits)
     assert (js_logits - web.last_logits(paged, prompts)).abs().max() < 1e-4
     assert (js_logits - web.last_logits(model, prompts)).abs().max() > 1e-4  # the weights did change: 8 or 16 bits
@@ -185,6 +185,7 @@ def open_page(browser, path, width):
 @pytest.mark.parametrize("width", [1200, 390])
 def test_the_page_writes_both_columns_in_a_browser(browser, page, tokenizer, width, tmp_path):
     pg, requests, errors = open_page(browser, page, width)
+    assert pg.evaluate("window.minigptSimd")  # the page's policy lets gpt.js compile its WebAssembly kernel
     title = next(c for c in tokenizer.itos[6:] if len(c) == 1 and c.strip() and c not in "，。")
     pg.fill("#title", title * 2)
     pg.click("#go")
@@ -296,6 +297,28 @@ def test_gpt_js_samples_from_the_same_cut_distribution(temperature, top_k, top_p
     py = kept_probabilities(logits, temperature, top_k, top_p)
     assert torch.equal(js > 0, py > 0)  # the same ids survive the cuts
     assert (js - py).abs().max() < 0.02  # and are drawn as often (20,000 draws each: a few thousandths apart)
+
+
+@pytest.mark.parametrize("n_out,n_in", [(9017, 128), (131, 512), (3, 32)])
+def test_the_simd_kernel_multiplies_every_row_as_javascript_does(n_out, n_in):
+    """Kernel's W x (four rows at a time, then the rows left over one by one) against float64 PyTorch, and beside it
+    gpt.js's JavaScript matvec: both within float32 rounding, on every row including the last ones."""
+    need("node")
+    import json
+    import subprocess
+    g = torch.Generator().manual_seed(n_out)
+    w, x = torch.randn(n_out, n_in, generator=g), torch.randn(n_in, generator=g)
+    script = (f"const m = require({json.dumps(web.GPT_JS)}); if (!m.SIMD) throw new Error('no WebAssembly SIMD');"
+              "const [wl, xl] = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
+              "const w = Float32Array.from(wl), x = Float32Array.from(xl), k = new m.Kernel([w], x.length, w.length);"
+              "const n = w.length / x.length;"
+              "console.log(JSON.stringify([Array.from(k.matvec(x, k.views[0], n)), Array.from(m.matvec(x, w, n))]))")
+    out = subprocess.run(["node", "-e", script], input=json.dumps([w.flatten().tolist(), x.tolist()]),
+                         capture_output=True, text=True, check=True).stdout
+    simd, js = torch.tensor(json.loads(out), dtype=torch.float64)
+    want = w.double() @ x.double()
+    assert (simd - want).abs().max() < 1e-5 * n_in ** 0.5 and (js - want).abs().max() < 1e-5 * n_in ** 0.5
+    assert (simd - want).abs().max() > 0  # float32 sums: not the float64 ones, so the kernel did the arithmetic
 
 
 def test_gpt_js_gelu_is_the_exact_one_to_float32_precision():
