@@ -59,12 +59,18 @@ def train_rate(cfg, batch_size, steps, dtype=None, compile=False, warmup=3, devi
     """Tokens per second of full training steps (forward, backward, optimizer) on random ids."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device).train()
-    opt = make_optimizer(model, TrainConfig(optimizer=optimizer))
+    x = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size), device=device)
+    return step_rate(model, make_optimizer(model, TrainConfig(optimizer=optimizer)), x, steps, dtype, compile, warmup,
+                     device)
+
+
+def step_rate(model, opt, x, steps, dtype=None, compile=False, warmup=3, device="cpu", grad_clip=0.0):
+    """Tokens per second of `steps` training steps of any model whose forward(ids, targets) returns (logits, loss),
+    on the batch x, after `warmup` steps; and the seconds the warmup took (the compile, when there is one)."""
     if compile:
         torch._dynamo.reset()  # a fresh compile for each row: past 8 shapes and models, dynamo stops compiling
     loss_of = lambda ids: model(ids, ids)[1]  # as training does: the loss alone leaves a compiled graph
     step_loss = torch.compile(loss_of) if compile else loss_of
-    x = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size), device=device)
     amp = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
     t_compile = time.perf_counter()
     for i in range(warmup + steps):
@@ -75,9 +81,11 @@ def train_rate(cfg, batch_size, steps, dtype=None, compile=False, warmup=3, devi
             loss = step_loss(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
     sync(device)
-    return batch_size * cfg.block_size * steps / (time.perf_counter() - t), t_compile
+    return x.numel() * steps / (time.perf_counter() - t), t_compile
 
 
 def generation_rate(cfg, batch_size, new_tokens, use_cache, device="cpu"):

@@ -107,8 +107,9 @@ class Block {  // pre-norm: normalise, transform, add back
 }
 
 class GPT {
-  constructor(config, p, simd = SIMD !== null) {
-    // p: the tensors by model.py's names, dequantized (see loadModel); simd: the matrices go into a Kernel
+  constructor(config, p, simd = true) {
+    // p: the tensors by model.py's names, dequantized (see loadModel); simd: the matrices go into a Kernel where
+    // there is WebAssembly SIMD (false: every product in JavaScript)
     this.config = config;
     if (simd && SIMD && config.n_embd % 4 === 0) Kernel.place(p, config);  // the kernel reads 4 floats at a time
     this.tok_emb = p.tok_emb; this.pos_emb = p.pos_emb;
@@ -312,7 +313,7 @@ class Kernel {
 
 // ---- the weights: int8 rows with one float32 scale each (or float16), dequantized once when the page opens ----
 
-function loadModel(meta, bytes, adapter, simd = SIMD !== null) {
+function loadModel(meta, bytes, adapter, simd = true) {
   // meta: {config, tensors: {name: {shape, dtype, offset, scales}}}; bytes: a Uint8Array of every tensor;
   // adapter (optional): {meta, bytes} of a LoRA adapter (web.export_adapter), added to these weights;
   // simd false: every product in JavaScript (the page's #nosimd)

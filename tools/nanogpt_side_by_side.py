@@ -16,20 +16,18 @@ model with minigpt's precision and compile (bfloat16 autocast where the CPU has 
 default step (the same, with Muon), interleaved over rounds so that a machine's drift falls on every row alike.
 """
 import argparse
-import contextlib
 import importlib.util
 import json
 import math
 import os
+import statistics
 import sys
 import time
-
-import statistics
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from minigpt.bench import train_rate  # noqa: E402
+from minigpt.bench import step_rate, train_rate  # noqa: E402
 from minigpt.data import PretrainData, build_tokenizer, load_poems, split_poems  # noqa: E402
 from minigpt.model import GPTConfig  # noqa: E402
 from minigpt.train import autocast_dtype  # noqa: E402
@@ -100,29 +98,15 @@ def train_nanogpt(module, data, vocab_size, minutes, val_batches, seed=1337):
     return curve
 
 
-def nanogpt_rate(module, shapes, vocab_size, batch_size, steps, dtype=None, compile=False, warmup=3):
+def nanogpt_rate(module, shapes, vocab_size, batch_size, steps, dtype=None, compile=False):
     """Tokens per second of nanoGPT's model training at minigpt's shapes: its own optimizer and clip, random ids."""
     torch.manual_seed(0)
     cfg = module.GPTConfig(block_size=shapes["block_size"], vocab_size=vocab_size, n_layer=shapes["n_layer"],
                            n_head=shapes["n_head"], n_embd=shapes["n_embd"], dropout=0.0, bias=True)
     model = module.GPT(cfg).train()
     opt = model.configure_optimizers(RECIPE["weight_decay"], RECIPE["lr"], RECIPE["betas"], "cpu")
-    if compile:
-        torch._dynamo.reset()
-    loss_of = lambda ids: model(ids, ids)[1]
-    step_loss = torch.compile(loss_of) if compile else loss_of
     x = torch.randint(vocab_size, (batch_size, shapes["block_size"]))
-    amp = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
-    for i in range(warmup + steps):
-        if i == warmup:
-            t = time.perf_counter()
-        with amp:
-            loss = step_loss(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE["grad_clip"])
-        opt.step()
-    return batch_size * shapes["block_size"] * steps / (time.perf_counter() - t)
+    return step_rate(model, opt, x, steps, dtype, compile, grad_clip=RECIPE["grad_clip"])[0]
 
 
 def throughput(module, vocab_size, steps=30, rounds=3):
