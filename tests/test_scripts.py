@@ -414,13 +414,18 @@ def test_the_stages_chain_without_flags():
 
 
 def test_several_tasks_get_the_longer_run_and_one_task_keeps_its_own():
-    from minigpt import cli
-    config = lambda argv: cli.resolve(train_sft.parse_args(["--device", "cpu", *argv]),
-                                      train_sft.presets_for(train_sft.parse_args(argv).tasks))[1]
+    config = lambda argv: train_sft.resolve(train_sft.parse_args(["--device", "cpu", *argv]))[1]
     assert (config([]).max_minutes, config([]).optimizer) == (4.5, "adamw")
     chat = config(["--tasks", "all", "--format", "chat"])
     assert (chat.max_minutes, chat.optimizer) == (14.0, "muon")
     assert config(["--tasks", "all", "--format", "chat", "--max-minutes", "2"]).max_minutes == 2.0  # a flag still wins
+
+
+def test_a_lora_run_trains_its_adapter_with_muon_unless_told_otherwise():
+    config = lambda argv: train_sft.resolve(train_sft.parse_args(["--device", "cpu", *argv]))[1]
+    assert config(["--lora-rank", "8"]).optimizer == "muon" and config([]).optimizer == "adamw"
+    assert config(["--lora-rank", "8", "--optimizer", "adamw"]).optimizer == "adamw"  # a flag still wins
+    assert config(["--train-only", "head"]).optimizer == "adamw"  # no adapter: the preset's own
 
 
 def test_the_task_table_puts_the_single_task_model_beside_a_chat_one(pretrained, finetuned, tmp_path, monkeypatch):
